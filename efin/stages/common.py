@@ -1,0 +1,91 @@
+"""Helpers shared by the stage modules: optimizer wiring, error-rate accumulation, result files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+
+from efin.metrics import ErrorCounts
+from efin.text import normalize
+
+
+def adamw_warmup_cosine(
+    module: LightningModule, params, lr: float, weight_decay: float, warmup_steps: int, min_lr_ratio: float
+) -> dict:
+    """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio`` over the whole run.
+
+    The schedule length is the trainer's estimate of optimizer steps, so it follows
+    max_epochs / max_steps / accumulate_grad_batches without another knob.
+    """
+    params = [p for p in params if p.requires_grad]
+    # No weight decay on biases and norm gains (1-D tensors): decaying them only hurts.
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+    total = max(int(module.trainer.estimated_stepping_batches), 1)
+    warmup = min(warmup_steps, max(total // 4, 1))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class Transcripts:
+    """Collects (id, reference, hypothesis) for one split and reports corpus WER/CER across ranks."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def add(self, ids: list[str], refs: list[str], hyps: list[str]) -> None:
+        for utt_id, ref, hyp in zip(ids, refs, hyps, strict=True):
+            self.records.append({"id": utt_id, "ref": normalize(ref), "hyp": normalize(hyp)})
+
+    def gather(self) -> list[dict]:
+        """All ranks' records (every rank gets the full list)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self.records)
+            return [r for part in parts for r in part]
+        return list(self.records)
+
+    def reset(self) -> None:
+        self.records = []
+
+
+def score(records: list[dict]) -> tuple[ErrorCounts, list[dict]]:
+    """Corpus counts plus the records annotated with per-utterance word/char edits."""
+    counts = ErrorCounts()
+    scored = []
+    for r in records:
+        w, c = counts.add(r["ref"], r["hyp"])
+        scored.append({**r, "word_errors": w, "ref_words": len(r["ref"].split()), "char_errors": c})
+    return counts, scored
+
+
+def write_results(out_dir: str | Path, split: str, records: list[dict]) -> dict:
+    """Write <out_dir>/<split>.hyps.jsonl (per utterance) and <split>.metrics.json; return metrics."""
+    counts, scored = score(records)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{split}.hyps.jsonl", "w") as f:
+        for r in scored:
+            f.write(json.dumps(r) + "\n")
+    metrics = {
+        "split": split, "utterances": counts.utterances, "wer": counts.wer, "cer": counts.cer,
+        "word_errors": counts.word_edits, "words": counts.words,
+        "char_errors": counts.char_edits, "chars": counts.chars,
+    }
+    (out_dir / f"{split}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

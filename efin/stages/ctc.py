@@ -1,0 +1,120 @@
+"""Stage 1 (stage=encoder): CTC pretraining of the speech encoder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from efin.decoding.ctc import ctc_greedy
+from efin.models.ctc import CTCModel
+from efin.models.encoder import Encoder
+from efin.stages.common import Transcripts, adamw_warmup_cosine, score, write_results
+from efin.tokenizer import build_vocab, vocab_from_state
+
+log = logging.getLogger(__name__)
+
+
+class CTCStage(pl.LightningModule):
+    """Trains ``encoder`` plus a linear CTC head; logs loss, WER and CER per split.
+
+    The CTC vocabulary and the feature statistics come from the training data, so the head is
+    built in :meth:`setup`, once the datamodule has loaded its manifests.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        vocab: str = "char",
+        sentencepiece_size: int = 256,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-3,
+        warmup_steps: int = 400,
+        min_lr_ratio: float = 0.02,
+        feature_stats_utterances: int = 500,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.encoder = encoder
+        self.model: CTCModel | None = None
+        self.vocab = None
+        self.transcripts = Transcripts()
+
+    # ---- model construction -------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.model is not None:
+            return
+        dm = self.trainer.datamodule
+        texts = [u.text for u in dm.train_utterances] if stage == "fit" else []
+        self.vocab = build_vocab(self.hparams.vocab, texts, self.hparams.sentencepiece_size)
+        self.model = CTCModel(self.encoder, self.vocab.size)
+        if stage == "fit":
+            mean, std = dm.feature_stats(self.hparams.feature_stats_utterances)
+            self.encoder.set_feature_stats(mean, std)
+        log.info("CTC vocabulary: %s, %d symbols; encoder %.2f M parameters",
+                 self.hparams.vocab, self.vocab.size, sum(p.numel() for p in self.encoder.parameters()) / 1e6)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["efin_vocab"] = self.vocab.state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.vocab = vocab_from_state(checkpoint["efin_vocab"])
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return adamw_warmup_cosine(self, self.parameters(), h.lr, h.weight_decay, h.warmup_steps, h.min_lr_ratio)
+
+    # ---- steps --------------------------------------------------------------------------
+    def _forward(self, batch):
+        log_probs, lens = self.model(batch["feats"], batch["feat_lens"])
+        targets = [self.vocab.encode(t) for t in batch["texts"]]
+        return log_probs, lens, self.model.loss(log_probs, lens, targets)
+
+    def training_step(self, batch, batch_idx):
+        _, _, loss = self._forward(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["texts"]))
+        return loss
+
+    def _eval_step(self, batch, name: str):
+        log_probs, lens, loss = self._forward(batch)
+        hyps = [self.vocab.decode(ids) for ids in ctc_greedy(log_probs, lens)]
+        self.transcripts.add(batch["ids"], batch["texts"], hyps)
+        self.log(name, loss, batch_size=len(hyps), sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val/loss/dev")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test/loss/test")
+
+    def _report(self, split: str, dataset: str) -> None:
+        records = self.transcripts.gather()
+        self.transcripts.reset()
+        counts, _ = score(records)
+        self.log(f"{split}/wer/{dataset}", counts.wer, prog_bar=True, rank_zero_only=True)
+        self.log(f"{split}/cer/{dataset}", counts.cer, prog_bar=True, rank_zero_only=True)
+        if split == "test" and self.trainer.is_global_zero and self.trainer.log_dir:
+            write_results(Path(self.trainer.default_root_dir) / "decode", dataset, records)
+
+    def on_validation_epoch_start(self) -> None:
+        self.transcripts.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._report("val", "dev")
+
+    def on_test_epoch_start(self) -> None:
+        self.transcripts.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._report("test", "test")
+
+    # ---- handoff ------------------------------------------------------------------------
+    def artifact_payload(self) -> dict:
+        """What the next stage needs: encoder and head weights, configs, vocabulary, feature setup."""
+        return {
+            "encoder": {"config": self.encoder.config, "state_dict": self.encoder.state_dict()},
+            "ctc_head": {"vocab": self.vocab.state(), "state_dict": self.model.head.state_dict()},
+            "features": self.trainer.datamodule.feature_config(),
+        }

@@ -1,0 +1,89 @@
+"""Training entry point: python -m efin.train stage=<encoder|projector|llm> [overrides].
+
+Composes the config, builds the components it names, loads the previous stage's artifact,
+fits, tests the best checkpoint and exports this stage's artifact. Everything stage-specific
+lives in the stage's config file and LightningModule, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from efin.artifacts import load_artifact, publish, save_artifact
+
+log = logging.getLogger("efin.train")
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path=last`` -> the newest last.ckpt among this stage's runs; a path is used as is."""
+    if cfg.ckpt_path != "last":
+        return cfg.ckpt_path
+    candidates = sorted(Path(cfg.paths.stage_dir).glob("runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no checkpoints/last.ckpt under {cfg.paths.stage_dir}/runs/. "
+            "Start the stage without ckpt_path, or pass ckpt_path=PATH/TO/file.ckpt."
+        )
+    log.info("Resuming from %s", candidates[-1])
+    return str(candidates[-1])
+
+
+def load_init_artifact(cfg: DictConfig) -> dict | None:
+    """The artifact this stage starts from, with a message naming the command that makes it."""
+    if cfg.init_from is None:
+        return None
+    requires = cfg.stage.requires
+    hint = (
+        f"Run the previous stage first: `python -m efin.train stage={requires.command}"
+        f" name={cfg.name}` (same experiment), or pass init_from=PATH/TO/artifact."
+    )
+    return load_artifact(cfg.init_from, expected_stage=tuple(requires.kinds), hint=hint)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one stage; returns the final metrics (val/* and test/*)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    init = load_init_artifact(cfg)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.stage.module)
+    if init is not None:
+        module.init_from_artifact(init)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.test_after_fit:
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        artifact_dir = save_artifact(
+            Path(cfg.paths.output_dir) / "artifact", cfg.stage.name, module.artifact_payload(),
+            OmegaConf.to_yaml(cfg, resolve=True),
+        )
+        publish(artifact_dir, Path(cfg.paths.stage_dir) / "artifact")
+        log.info("Exported %s artifact to %s (linked from %s/artifact)", cfg.stage.name, artifact_dir, cfg.paths.stage_dir)
+    log.info("Final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

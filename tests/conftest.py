@@ -1,0 +1,35 @@
+"""Shared fixtures: composing the real Hydra configs with tiny components."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_config(overrides: list[str], root: Path, data_dir: Path | None = None, config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as the CLI would, with runs under ``root``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} resolve outside @hydra.main
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(root)
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+        if "output_dir" in cfg.paths:
+            cfg.paths.output_dir = str(root / "run")
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory) -> Path:
+    """One data directory per test session, so the tiny corpus is generated once."""
+    return tmp_path_factory.mktemp("data")
