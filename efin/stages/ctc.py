@@ -116,5 +116,5 @@ class CTCStage(pl.LightningModule):
         return {
             "encoder": {"config": self.encoder.config, "state_dict": self.encoder.state_dict()},
             "ctc_head": {"vocab": self.vocab.state(), "state_dict": self.model.head.state_dict()},
-            "features": self.trainer.datamodule.feature_config(),
+            "features": dict(self.trainer.datamodule.featurizer.config),
         }
