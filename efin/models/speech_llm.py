@@ -1,0 +1,168 @@
+"""SpeechLLM: encoder -> projector -> LLM, trained with an LM loss on the transcript tokens.
+
+The module receives built components (encoder, projector, LLM, tokenizer, prompt builder);
+which of them train is decided by whoever built them (``efin.models.llm.apply_adapter``,
+``requires_grad_`` on the encoder) - not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from efin.data.prompt import IGNORE_INDEX, LLMInputs, PromptBuilder
+from efin.decoding.llm_search import Hypothesis, beam_search, greedy_search
+
+
+@dataclass
+class SpeechLLMOutput:
+    """loss: scalar, mean cross-entropy (nats) per label token (0, still differentiable, when
+    there are none); num_tokens: label tokens in the loss; keep: (B,) bool, False for items whose
+    transcript exceeded the prompt's ``max_text_tokens`` (not trained on)."""
+
+    loss: torch.Tensor
+    num_tokens: int
+    keep: torch.Tensor
+
+
+class SpeechLLM(nn.Module):
+    """Speech recogniser: audio features -> transcript text through an LLM.
+
+    Args:
+        encoder: ``forward(feats (B,T,F), feat_lens (B,)) -> (hidden (B,T',D), lens (B,))``, ``.output_dim``.
+        projector: ``forward(x (B,T',D), lens) -> (B,N,H), lens``; ``.input_dim`` / ``.output_dim``.
+        llm: a causal LM (Hugging Face, peft-wrapped, or a ``SubsetHeadLM`` draft).
+        tokenizer: the LLM's tokenizer.
+        prompt: a :class:`PromptBuilder`; default one built from ``tokenizer`` + ``instruction``.
+        instruction: user-turn text when ``prompt`` is None.
+        frames_per_second: feature frames per second of audio (100 for 10 ms hops).
+        tokens_per_second, extra_tokens: default generation limit per utterance,
+            ``ceil(tokens_per_second * seconds + extra_tokens)`` tokens (end token included).
+        num_beams: default beam size for :meth:`generate` (1 = greedy).
+        length_penalty: beam ranking ``log_prob / length ** length_penalty``.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        projector: nn.Module,
+        llm: nn.Module,
+        tokenizer,
+        prompt: PromptBuilder | None = None,
+        instruction: str = "Transcribe the audio.",
+        frames_per_second: float = 100.0,
+        tokens_per_second: float = 8.0,
+        extra_tokens: int = 10,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+    ):
+        super().__init__()
+        hidden = llm.get_input_embeddings().weight.shape[1]
+        enc_dim = getattr(encoder, "output_dim", None)
+        if enc_dim is not None and getattr(projector, "input_dim", enc_dim) != enc_dim:
+            raise ValueError(
+                f"projector input_dim={projector.input_dim} but the encoder outputs {enc_dim} features; "
+                f"build the projector with input_dim=encoder.output_dim"
+            )
+        if getattr(projector, "output_dim", hidden) != hidden:
+            raise ValueError(
+                f"projector output_dim={projector.output_dim} but the LLM's embeddings are {hidden} wide; "
+                f"build the projector with output_dim=llm.config.hidden_size"
+            )
+        self.encoder, self.projector, self.llm = encoder, projector, llm
+        self.tokenizer = tokenizer
+        self.prompt = prompt if prompt is not None else PromptBuilder(tokenizer, instruction=instruction)
+        self.frames_per_second = frames_per_second
+        self.tokens_per_second, self.extra_tokens = tokens_per_second, extra_tokens
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+
+    # ------------------------------------------------------------------------------------------
+
+    def embed_speech(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, T, F), feat_lens (B,) -> speech embeddings (B, N, H) in the LLM's dtype, lens (B,)."""
+        hidden, lens = self.encoder(feats, feat_lens)
+        speech, lens = self.projector(hidden, lens)
+        return speech.to(self.llm.get_input_embeddings().weight.dtype), lens
+
+    def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor, texts: list[str]) -> SpeechLLMOutput:
+        """Mean next-token cross-entropy on the (normalised) transcripts and end tokens.
+
+        Over-long transcripts still run (cut, labels masked) so every DDP rank does the same
+        work; ``keep`` reports them.
+        """
+        targets, keep = self.prompt.encode_transcripts(texts)
+        speech, lens = self.embed_speech(feats, feat_lens)
+        inputs = self.prompt.training_inputs(self.llm.get_input_embeddings(), speech, lens, targets, keep)
+        loss, n = self.lm_loss(inputs)
+        return SpeechLLMOutput(loss, n, keep)
+
+    def lm_loss(self, inputs: LLMInputs) -> tuple[torch.Tensor, int]:
+        """Cross-entropy over label positions only: the output head, the costly part for a big
+        vocabulary, runs on transcript positions and not on the prompt or audio."""
+        decoder = self.llm.get_decoder()
+        hidden = decoder(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        labels = inputs.labels[:, 1:]
+        subset_labels = getattr(self.llm, "subset_labels", None)
+        if subset_labels is not None:  # a draft's head scores only its subset of the vocabulary
+            labels = subset_labels(labels)
+        selected = labels != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][selected]).float()
+        n = int(selected.sum())
+        loss = F.cross_entropy(logits, labels[selected], reduction="sum") / max(n, 1)
+        return loss, n
+
+    # ------------------------------------------------------------------------------------------
+
+    def max_new_tokens_for(self, feat_lens: torch.Tensor) -> torch.Tensor:
+        """(B,) generation limit from audio length: ``ceil(tokens_per_second * seconds + extra_tokens)``."""
+        seconds = feat_lens.double() / self.frames_per_second
+        return torch.ceil(self.tokens_per_second * seconds + self.extra_tokens).long().cpu()
+
+    def generation_inputs(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> LLMInputs:
+        """Left-padded prompts with speech, ready for ``efin.decoding.llm_search`` (or speculative decoding)."""
+        speech, lens = self.embed_speech(feats, feat_lens)
+        return self.prompt.generation_inputs(self.llm.get_input_embeddings(), speech, lens)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        feats: torch.Tensor,
+        feat_lens: torch.Tensor,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+    ) -> list[Hypothesis]:
+        """Token-level results (see :meth:`generate`)."""
+        num_beams = self.num_beams if num_beams is None else num_beams
+        length_penalty = self.length_penalty if length_penalty is None else length_penalty
+        limits = self.max_new_tokens_for(feat_lens) if max_new_tokens is None else max_new_tokens
+        inputs = self.generation_inputs(feats, feat_lens)
+        args = (self.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, self.prompt.stop_ids, limits)
+        if num_beams == 1:
+            return greedy_search(*args)
+        return beam_search(*args, num_beams=num_beams, length_penalty=length_penalty)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        feats: torch.Tensor,
+        feat_lens: torch.Tensor,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+    ) -> list[str]:
+        """Transcribe a batch: feats (B, T, F), feat_lens (B,) -> B strings.
+
+        ``max_new_tokens`` None derives a per-utterance limit from its duration
+        (:meth:`max_new_tokens_for`); ``num_beams`` 1 is greedy. Call in eval mode (dropout off).
+        """
+        hyps = self.decode(feats, feat_lens, max_new_tokens, num_beams, length_penalty)
+        return [self.tokenizer.decode(h.tokens, skip_special_tokens=True).strip() for h in hyps]
