@@ -13,8 +13,13 @@ from omegaconf import DictConfig, open_dict
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def compose_config(overrides: list[str], root: Path, data_dir: Path | None = None, config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` as the CLI would, with runs under ``root``."""
+def compose_config(
+    overrides: list[str], root: Path, data_dir: Path | None = None, config_name: str = "train", run: str = "run1"
+) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as the CLI would, with outputs under ``root``.
+
+    The run directory is ``<stage_dir>/runs/<run>``, where the CLI would put a timestamp.
+    """
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
@@ -24,7 +29,7 @@ def compose_config(overrides: list[str], root: Path, data_dir: Path | None = Non
         if data_dir is not None:
             cfg.paths.data_dir = str(data_dir)
         if "output_dir" in cfg.paths:
-            cfg.paths.output_dir = str(root / "run")
+            cfg.paths.output_dir = "${paths.stage_dir}/runs/" + run
         del cfg.hydra
     return cfg
 

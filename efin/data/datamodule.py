@@ -1,0 +1,204 @@
+"""LightningDataModule: manifests -> validated utterances -> bucketed, sharded DataLoaders.
+
+DDP: the Trainer must run with ``use_distributed_sampler=False``. Every loader (train, val,
+test) is sharded by :class:`~efin.data.sampler.DurationBucketSampler` itself, each rank seeing
+a disjoint part with the same number of batches, so validation and test metrics are partial
+per rank and the stage must sum its error counts across ranks (``sync_dist`` / all-reduce).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from efin.data.audio import LogMel, feature_stats
+from efin.data.augment import FeatureAugment, WaveAugment
+from efin.data.dataset import SpeechDataset, collate
+from efin.data.manifest import Utterance, load_manifest
+from efin.data.resume import ResumableDataLoader
+from efin.data.sampler import DurationBucketSampler
+
+log = logging.getLogger(__name__)
+
+_STAGE_SPLITS = {"fit": ("train", "dev"), "validate": ("dev",), "test": ("test",), "predict": ("test",)}
+
+
+class SpeechDataModule(L.LightningDataModule):
+    """Speech recognition data from JSONL manifests.
+
+    Args:
+        train, dev, test: manifest paths (``test`` may be None when only fitting).
+        max_batch_seconds: total audio seconds per training batch (per rank); sets memory use.
+        num_buckets: duration buckets of the sampler; more pad less, mix less.
+        num_workers: DataLoader worker processes per rank (0 loads in the main process).
+        on_invalid: "error" stops on any bad manifest line, "skip" drops bad lines with a warning.
+        max_duration: seconds; longer *training* utterances are invalid (see ``on_invalid``).
+            Dev and test keep every utterance so that scores stay comparable.
+        wave_augment: waveform augmentation for training, or None.
+        feature_augment: SpecAugment for training, or None.
+        seed: sampler seed (batch composition and order per epoch).
+        prepare: zero-argument callable run once per node in ``prepare_data`` (e.g. generate the
+            synthetic corpus); None when the manifests already exist.
+        val_max_batch_seconds: seconds per validation/test batch (no gradients, so it can be
+            larger); None uses ``max_batch_seconds``.
+        n_mels: log-mel bins (the encoder's input dimension).
+        check_audio: open every audio header while validating manifests (slower, catches
+            missing files before training starts).
+        drop_last: drop uneven training batches across ranks instead of splitting them.
+        max_bucket_ratio: longest / shortest utterance allowed in one sampler bucket (wider
+            quantile buckets are halved); lower pads less.
+    """
+
+    def __init__(
+        self,
+        train: str,
+        dev: str,
+        test: str | None = None,
+        max_batch_seconds: float = 100.0,
+        num_buckets: int = 10,
+        num_workers: int = 2,
+        on_invalid: str = "error",
+        max_duration: float | None = 30.0,
+        wave_augment: WaveAugment | None = None,
+        feature_augment: FeatureAugment | None = None,
+        seed: int = 0,
+        prepare: Callable[[], Any] | None = None,
+        val_max_batch_seconds: float | None = None,
+        n_mels: int = 80,
+        check_audio: bool = True,
+        drop_last: bool = False,
+        max_bucket_ratio: float = 1.3,
+    ):
+        super().__init__()
+        if on_invalid not in ("error", "skip"):
+            raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        self.paths = {"train": train, "dev": dev, "test": test}
+        self.max_batch_seconds = float(max_batch_seconds)
+        self.val_max_batch_seconds = float(val_max_batch_seconds or max_batch_seconds)
+        self.num_buckets = int(num_buckets)
+        self.num_workers = int(num_workers)
+        self.on_invalid = on_invalid
+        self.max_duration = max_duration
+        self.wave_augment = wave_augment
+        self.feature_augment = feature_augment
+        self.seed = int(seed)
+        self.prepare = prepare
+        self.n_mels = int(n_mels)
+        self.check_audio = bool(check_audio)
+        self.drop_last = bool(drop_last)
+        self.max_bucket_ratio = float(max_bucket_ratio)
+        self.featurizer = LogMel(n_mels=self.n_mels)
+        self._utterances: dict[str, list[Utterance]] = {}
+
+    # ------------------------------------------------------------------ data preparation
+
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and validate the manifests this stage needs (each once; repeated calls are free)."""
+        splits = _STAGE_SPLITS.get(stage or "", ("train", "dev", "test"))
+        for split in splits:
+            if self.paths[split] is not None:
+                self._load(split)
+
+    def _load(self, split: str) -> list[Utterance]:
+        if split not in self._utterances:
+            path = self.paths[split]
+            if path is None:
+                raise ValueError(f"SpeechDataModule: no {split} manifest configured (data.{split} is null)")
+            self._utterances[split] = load_manifest(
+                path,
+                on_invalid=self.on_invalid,
+                check_audio=self.check_audio,
+                max_duration=self.max_duration if split == "train" else None,
+            )
+            utts = self._utterances[split]
+            hours = sum(u.duration for u in utts) / 3600
+            log.info("%s: %d utterances, %.2f h from %s", split, len(utts), hours, path)
+        return self._utterances[split]
+
+    @property
+    def train_utterances(self) -> list[Utterance]:
+        return self._load("train")
+
+    @property
+    def dev_utterances(self) -> list[Utterance]:
+        return self._load("dev")
+
+    @property
+    def test_utterances(self) -> list[Utterance]:
+        return self._load("test")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.n_mels
+
+    def feature_stats(self, max_utterances: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (F,) and std (F,) of un-augmented training features, for the encoder's CMVN.
+
+        Uses at most ``max_utterances`` evenly spaced training utterances (deterministic: the
+        same manifest always gives the same statistics, whatever the seed).
+        """
+        utts = self.train_utterances
+        k = min(len(utts), max_utterances)
+        picks = np.unique(np.linspace(0, len(utts) - 1, k).round().astype(int))
+        dataset = SpeechDataset([utts[i] for i in picks], self.featurizer)
+        return feature_stats(dataset[i]["feats"] for i in range(len(dataset)))
+
+    # ------------------------------------------------------------------ loaders
+
+    def _sampler(self, utts: list[Utterance], max_seconds: float, shuffle: bool) -> DurationBucketSampler:
+        return DurationBucketSampler(
+            [u.duration for u in utts],
+            max_seconds=max_seconds,
+            num_buckets=self.num_buckets,
+            shuffle=shuffle,
+            seed=self.seed,
+            drop_last=self.drop_last and shuffle,
+            max_bucket_ratio=self.max_bucket_ratio,
+        )
+
+    def _check_trainer(self) -> None:
+        trainer = self.trainer
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if trainer is not None and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "SpeechDataModule shards data with its own DurationBucketSampler: create the Trainer "
+                "with use_distributed_sampler=False (trainer.use_distributed_sampler: false)"
+            )
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "collate_fn": collate,
+            "num_workers": self.num_workers,
+            # Workers survive between epochs: re-forking them costs seconds per epoch.
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        self._check_trainer()
+        utts = self.train_utterances
+        dataset = SpeechDataset(utts, self.featurizer, self.wave_augment, self.feature_augment)
+        sampler = self._sampler(utts, self.max_batch_seconds, shuffle=True)
+        return ResumableDataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+
+    def _eval_loader(self, utts: list[Utterance]) -> DataLoader:
+        self._check_trainer()
+        dataset = SpeechDataset(utts, self.featurizer)  # never augmented
+        sampler = self._sampler(utts, self.val_max_batch_seconds, shuffle=False)
+        return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.dev_utterances)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_utterances)

@@ -1,0 +1,83 @@
+"""Tiny end-to-end encoder stage: train, export, reload the artifact, decode, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from efin.artifacts import ArtifactError, load_artifact
+from efin.evaluate import evaluate
+from efin.train import resolve_ckpt_path, train
+from tests.conftest import compose_config
+
+TINY = ["data=tiny", "encoder=tiny", "~logger", "trainer.max_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory, shared_data_dir):
+    root = tmp_path_factory.mktemp("encoder_run")
+    cfg = compose_config(TINY, root, shared_data_dir)
+    metrics = train(cfg)
+    return cfg, metrics
+
+
+def test_reports_dev_and_test_error_rates(encoder_run):
+    _, metrics = encoder_run
+    for key in ("val/wer/dev", "val/cer/dev", "test/wer/test", "test/cer/test", "train/loss"):
+        assert key in metrics
+    assert 0.0 <= metrics["test/cer/test"] <= 1.5
+
+
+def test_artifact_round_trip_reproduces_test_transcripts(encoder_run, tmp_path):
+    cfg, metrics = encoder_run
+    link = Path(cfg.paths.stage_dir) / "artifact"
+    assert link.is_symlink(), "the stage directory links its newest artifact"
+    artifact = load_artifact(link, expected_stage="encoder")
+    assert set(artifact) >= {"encoder", "ctc_head", "features"}
+    assert artifact["encoder"]["config"]["d_model"] == 32
+
+    eval_cfg = compose_config(
+        [f"artifact={link}", f"manifest={cfg.data.test}", f"out_dir={tmp_path}"], tmp_path, config_name="evaluate"
+    )
+    result = evaluate(eval_cfg)
+    stage_hyps = {r["id"]: r["hyp"] for r in map(json.loads, open(Path(cfg.paths.output_dir) / "decode/test.hyps.jsonl"))}
+    eval_hyps = {r["id"]: r["hyp"] for r in map(json.loads, open(tmp_path / "test.hyps.jsonl"))}
+    assert eval_hyps == stage_hyps
+    assert result["cer"] == pytest.approx(metrics["test/cer/test"])
+
+
+def test_wrong_artifact_kind_is_refused(encoder_run):
+    cfg, _ = encoder_run
+    with pytest.raises(ArtifactError, match="needs one of"):
+        load_artifact(Path(cfg.paths.stage_dir) / "artifact", expected_stage="llm")
+
+
+def test_missing_artifact_names_what_to_run(tmp_path):
+    with pytest.raises(ArtifactError, match="stage=encoder"):
+        load_artifact(tmp_path / "nothing", expected_stage="encoder", hint="Run `python -m efin.train stage=encoder` first.")
+
+
+def test_resume_from_last_checkpoint(encoder_run, shared_data_dir):
+    cfg, _ = encoder_run
+    assert resolve_ckpt_path(_with(cfg, ckpt_path="last")).endswith("last.ckpt")
+    resumed = compose_config(TINY + ["trainer.max_epochs=2", "ckpt_path=last", "test_after_fit=false"],
+                             Path(cfg.paths.root_dir), shared_data_dir, run="run2")
+    metrics = train(resumed)
+    assert "val/cer/dev" in metrics
+
+
+def test_ckpt_path_last_without_runs_fails_clearly(tmp_path):
+    cfg = compose_config(TINY + ["ckpt_path=last"], tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
+        resolve_ckpt_path(cfg)
+
+
+def _with(cfg, **values):
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for k, v in values.items():
+            cfg[k] = v
+    return cfg
