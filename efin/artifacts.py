@@ -20,8 +20,14 @@ FORMAT_VERSION = 1
 ARTIFACT_FILE = "artifact.pt"
 
 # Keys every artifact of a stage must hold; later stages add their own.
+# Stages 2 and 3 (efin.stages.speech_llm) share one layout: encoder and projector weights with
+# their configs, the LLM as a build spec plus only the weights a rebuild cannot reproduce
+# (see efin.models.llm_state), prompt and generation settings; a carried-on ctc_head is optional.
+_SPEECH_LLM_KEYS = ("encoder", "projector", "llm", "prompt", "generation", "features")
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "encoder": ("encoder", "ctc_head", "features"),
+    "projector": _SPEECH_LLM_KEYS,
+    "llm": _SPEECH_LLM_KEYS,
 }
 
 
@@ -76,6 +82,7 @@ def publish(artifact_dir: Path, link: Path) -> None:
     Replacing a symlink is atomic, so a reader never sees a half-published artifact and older
     runs stay untouched.
     """
+    link.parent.mkdir(parents=True, exist_ok=True)  # hydra.run.dir may live outside the stage dir
     tmp = link.with_name(f".{link.name}.tmp")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()

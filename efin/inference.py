@@ -7,11 +7,13 @@ from typing import Callable
 
 import torch
 
-from efin.artifacts import load_artifact
+from efin.artifacts import ArtifactError, load_artifact
 from efin.data.audio import LogMel
 from efin.decoding.ctc import ctc_greedy
 from efin.models.ctc import CTCModel
 from efin.models.encoder import Encoder
+from efin.models.llm_state import LLMStateError, build_llm_from_spec, load_handoff_state
+from efin.models.speech_llm import SpeechLLM
 from efin.tokenizer import vocab_from_state
 
 
@@ -39,12 +41,90 @@ class CTCRecognizer:
         return [self.vocab.decode(ids) for ids in ctc_greedy(log_probs, lens)]
 
 
-# Artifact kind -> recognizer class. Later stages register theirs here.
-RECOGNIZERS: dict[str, Callable[..., object]] = {"encoder": CTCRecognizer}
+def _replace_key(node, key: str, value):
+    if isinstance(node, dict):
+        return {k: value if k == key else _replace_key(v, key, value) for k, v in node.items()}
+    return node
+
+
+def speech_llm_from_artifact(artifact: dict, cache_dir: str | None = None) -> SpeechLLM:
+    """Rebuild the SpeechLLM of a projector/llm artifact: encoder and projector from their
+    configs and weights, the LLM from its build spec with the stage's adapter applied and the
+    stored LLM weights loaded (expected keys checked).
+
+    ``cache_dir`` replaces the spec's LLM cache location (the training machine's path).
+    """
+    stored = artifact["llm"]
+    missing = [k for k in ("spec", "adapter", "weights") if k not in stored]
+    if missing:
+        raise ArtifactError(f"the artifact's llm entry lacks {missing}; re-export it with this efin version")
+    from hydra.utils import instantiate
+
+    encoder = encoder_from_artifact(artifact)
+    projector = instantiate(artifact["projector"]["config"])
+    projector.load_state_dict(artifact["projector"]["state_dict"], strict=True)
+    spec = stored["spec"]
+    model_spec = spec["model"] if cache_dir is None else _replace_key(spec["model"], "cache_dir", cache_dir)
+    llm, tokenizer = build_llm_from_spec(model_spec, stored["adapter"], spec.get("lora"))
+    try:
+        load_handoff_state(llm, stored["adapter"], stored["weights"])
+    except LLMStateError as e:
+        raise ArtifactError(f"the artifact's LLM weights do not fit its LLM spec: {e}") from e
+    prompt = instantiate(artifact["prompt"], tokenizer=tokenizer)
+    frames_per_second = 1000.0 / artifact["features"]["hop_ms"]
+    return SpeechLLM(
+        encoder, projector, llm, tokenizer, prompt=prompt, frames_per_second=frames_per_second, **artifact["generation"]
+    )
+
+
+class SpeechLLMRecognizer:
+    """Transcription with a projector or llm stage artifact (greedy or beam search).
+
+    Options (evaluate's ``decode:``): ``num_beams``, ``length_penalty``, ``max_new_tokens``
+    (None: the artifact's generation settings), ``cache_dir`` (where the LLM's pretrained
+    weights are cached on this machine).
+    """
+
+    def __init__(
+        self,
+        artifact: dict,
+        device: str = "cpu",
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        max_new_tokens: int | None = None,
+        cache_dir: str | None = None,
+    ):
+        self._init(speech_llm_from_artifact(artifact, cache_dir), device, num_beams, length_penalty, max_new_tokens)
+
+    @classmethod
+    def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> "SpeechLLMRecognizer":
+        """Wrap an already built SpeechLLM (e.g. a Hugging Face export, see scripts/export_hf.py)."""
+        self = cls.__new__(cls)
+        self._init(model, device, **options)
+        return self
+
+    def _init(self, model, device, num_beams=None, length_penalty=None, max_new_tokens=None) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.options = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
+
+    @torch.inference_mode()
+    def transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
+        """(B, T, F) log-mel, (B,) lengths -> B transcripts."""
+        return self.model.generate(feats.to(self.device), feat_lens.to(self.device), **self.options)
+
+
+# Artifact kind -> recognizer class.
+RECOGNIZERS: dict[str, Callable[..., object]] = {
+    "encoder": CTCRecognizer,
+    "projector": SpeechLLMRecognizer,
+    "llm": SpeechLLMRecognizer,
+}
 
 
 def load_recognizer(path: str | Path, device: str = "cpu", **options):
     """Load any stage artifact and return (recognizer, featurizer)."""
     artifact = load_artifact(path, expected_stage=tuple(RECOGNIZERS))
+    options = {k: v for k, v in options.items() if v is not None}  # None: the recognizer's default
     recognizer = RECOGNIZERS[artifact["stage"]](artifact, device=device, **options)
     return recognizer, LogMel(**artifact["features"])

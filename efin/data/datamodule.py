@@ -38,7 +38,7 @@ class SpeechDataModule(L.LightningDataModule):
         num_buckets: duration buckets of the sampler; more pad less, mix less.
         num_workers: DataLoader worker processes per rank (0 loads in the main process).
         on_invalid: "error" stops on any bad manifest line, "skip" drops bad lines with a warning.
-        max_duration: seconds; longer *training* utterances are invalid (see ``on_invalid``).
+        max_duration: seconds; longer *training* utterances are skipped and counted (dev/test keep all).
             Dev and test keep every utterance so that scores stay comparable.
         wave_augment: waveform augmentation for training, or None.
         feature_augment: SpecAugment for training, or None.
@@ -114,13 +114,15 @@ class SpeechDataModule(L.LightningDataModule):
             path = self.paths[split]
             if path is None:
                 raise ValueError(f"SpeechDataModule: no {split} manifest configured (data.{split} is null)")
-            self._utterances[split] = load_manifest(
-                path,
-                on_invalid=self.on_invalid,
-                check_audio=self.check_audio,
-                max_duration=self.max_duration if split == "train" else None,
-            )
-            utts = self._utterances[split]
+            utts = load_manifest(path, on_invalid=self.on_invalid, check_audio=self.check_audio)
+            if split == "train" and self.max_duration is not None:
+                # Too long to batch is not broken data: skip and count, whatever on_invalid says.
+                kept = [u for u in utts if u.duration <= self.max_duration]
+                if len(kept) < len(utts):
+                    log.warning("train: skipping %d utterances longer than data.max_duration=%g s (%s)",
+                                len(utts) - len(kept), self.max_duration, path)
+                utts = kept
+            self._utterances[split] = utts
             hours = sum(u.duration for u in utts) / 3600
             log.info("%s: %d utterances, %.2f h from %s", split, len(utts), hours, path)
         return self._utterances[split]

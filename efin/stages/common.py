@@ -19,15 +19,25 @@ def adamw_warmup_cosine(
 ) -> dict:
     """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio`` over the whole run.
 
+    ``params``: tensors, or param-group dicts ``{"params": [...], "lr": peak}`` (``lr`` defaults
+    to ``lr``), e.g. an unfrozen encoder at a lower rate than the projector; every group follows
+    the same schedule relative to its own peak. Frozen tensors are left out.
     The schedule length is the trainer's estimate of optimizer steps, so it follows
     max_epochs / max_steps / accumulate_grad_batches without another knob.
     """
-    params = [p for p in params if p.requires_grad]
+    given = list(params)
+    if not given or not isinstance(given[0], dict):
+        given = [{"params": given}]
     # No weight decay on biases and norm gains (1-D tensors): decaying them only hurts.
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
+    groups = []
+    for group in given:
+        trainable = [p for p in group["params"] if p.requires_grad]
+        extra = {k: v for k, v in group.items() if k != "params"}
+        groups += [
+            {**extra, "params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
+            {**extra, "params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     total = max(int(module.trainer.estimated_stepping_batches), 1)
     warmup = min(warmup_steps, max(total // 4, 1))

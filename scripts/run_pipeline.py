@@ -1,0 +1,104 @@
+"""Run the whole EFIN chain for the target LLM and its draft, then score every artifact on test.
+
+    python scripts/run_pipeline.py                        # defaults: encoder once, then projector + llm
+                                                          # for smollm2 and smollm2_draft (~1.5 h on 2 CPU cores)
+    python scripts/run_pipeline.py name=exp1 trainer=gpu  # extra Hydra overrides go to every stage
+    python scripts/run_pipeline.py --llms tiny,tiny_draft name=smoke data=tiny encoder=tiny projector=tiny
+                                                          # a smoke test of the chain in about a minute
+
+Each step is an ordinary ``python -m efin.train stage=...`` run (its own process, run dir and
+artifact under outputs/<name>/), so a failed step can be re-run alone with the printed command;
+``--skip-encoder`` reuses an existing encoder artifact. Afterwards ``python -m efin.evaluate``
+decodes the test manifest with each artifact (encoder, projector_<llm>, llm_<llm>) into
+outputs/<name>/eval/<run>/ and the WER/CER table is printed and written to
+outputs/<name>/pipeline_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+
+def compose(overrides: list[str]):
+    """The train config these overrides give (as ``python -m efin.train`` would compose it)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict]:
+    """Ordered steps: {run, train (argv) or None, artifact, manifest, eval (argv)}."""
+    stages = [] if skip_encoder else [["stage=encoder"]]
+    stages += [[f"stage={stage}", f"llm={llm}"] for llm in llms for stage in ("projector", "llm")]
+    evaluated = [["stage=encoder"]] + stages[0 if skip_encoder else 1 :]
+    python = [sys.executable, "-m"]
+    steps = []
+    for stage in evaluated:
+        cfg = compose(stage + overrides)
+        run = cfg.stage.run_name
+        exp_dir, artifact = cfg.paths.exp_dir, f"{cfg.paths.stage_dir}/artifact"
+        passthrough = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("name",) or o.lstrip("+~").startswith("paths.")]
+        steps.append({
+            "run": run,
+            "train": python + ["efin.train", *stage, *overrides] if stage in stages else None,
+            "artifact": artifact,
+            "eval": python + ["efin.evaluate", f"artifact={artifact}", f"manifest={cfg.data.test}", "split=test",
+                              f"hydra.run.dir={exp_dir}/eval/{run}", *passthrough],
+            "metrics": f"{exp_dir}/eval/{run}/test.metrics.json",
+            "exp_dir": exp_dir,
+        })
+    return steps
+
+
+def run(argv: list[str]) -> None:
+    print("+ " + shlex.join(argv), flush=True)
+    start = time.perf_counter()
+    # efin importable from this checkout even when it is not pip-installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    subprocess.run(argv, check=True, env=env)
+    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llms", default="smollm2,smollm2_draft",
+                        help="comma-separated llm options to train projector + llm stages for (target first, then drafts)")
+    parser.add_argument("--skip-encoder", action="store_true", help="reuse outputs/<name>/encoder/artifact")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args, overrides = parser.parse_known_args()
+    bad = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("stage", "llm")]
+    if bad:
+        parser.error(f"{bad}: the pipeline sets stage= and llm= itself; use --llms for the LLMs")
+    steps = plan([x for x in args.llms.split(",") if x], overrides, args.skip_encoder)
+    for step in steps:
+        if step["train"]:
+            print("+ " + shlex.join(step["train"])) if args.dry_run else run(step["train"])
+    for step in steps:
+        print("+ " + shlex.join(step["eval"])) if args.dry_run else run(step["eval"])
+    if args.dry_run:
+        return
+    rows = {s["run"]: json.loads(Path(s["metrics"]).read_text()) for s in steps}
+    print(f"\n{'artifact':<28}{'WER %':>8}{'CER %':>8}{'RTF':>8}")
+    for name, m in rows.items():
+        print(f"{name:<28}{100 * m['wer']:>8.2f}{100 * m['cer']:>8.2f}{m['real_time_factor']:>8.3f}")
+    out = Path(steps[0]["exp_dir"]) / "pipeline_results.json"
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

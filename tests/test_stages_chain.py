@@ -1,0 +1,240 @@
+"""The EFIN chain encoder -> projector -> llm through artifacts, with tiny components.
+
+Checks what each stage trains (and that frozen weights do not move), the LLM handoff (LoRA
+and draft weights reload to identical logits), that the recognizer rebuilt from an artifact
+reproduces the stage's test transcripts, and the errors for a missing or mismatched artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import open_dict
+
+from efin.artifacts import ArtifactError, load_artifact
+from efin.inference import load_recognizer
+from efin.train import train
+from tests.conftest import compose_config
+
+TINY = ["data=tiny", "encoder=tiny", "projector=tiny", "~logger", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3", "~callbacks.progress_bar", "~callbacks.lr_monitor"]
+
+
+class Probe(Callback):
+    """Records, per run, which parameters can train, which got gradients, which changed, and the
+    train/eval mode of the frozen parts during training; keeps the final module."""
+
+    runs: dict[str, dict] = {}
+
+    def __init__(self, key: str):
+        self.key = key
+        self.record = Probe.runs.setdefault(key, {"grads": set(), "modes": set()})
+
+    def on_train_start(self, trainer, module):
+        self.record["trainable"] = {n for n, p in module.named_parameters() if p.requires_grad}
+        self.record["before"] = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        model = getattr(module, "model", None)
+        if hasattr(model, "llm"):
+            self.record["modes"].add((model.encoder.training, model.llm.training, model.projector.training))
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.record["grads"] |= {n for n, p in module.named_parameters() if p.grad is not None}
+
+    def on_train_end(self, trainer, module):
+        before = self.record.pop("before")
+        self.record["changed"] = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
+        self.record["all"] = set(before)
+
+    def on_test_end(self, trainer, module):
+        self.record["module"] = module  # holds the best checkpoint's weights, as exported
+
+
+def run_stage(root: Path, data_dir: Path, overrides: list[str]) -> dict:
+    cfg = compose_config(TINY + overrides, root, data_dir)
+    key = cfg.stage.run_name
+    Probe.runs.pop(key, None)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(cfg.paths.stage_dir) / "runs" / "test")
+        cfg.callbacks.probe = {"_target_": f"{Probe.__module__}.{Probe.__qualname__}", "key": key}
+    metrics = train(cfg)
+    return {"metrics": metrics, "cfg": cfg, **Probe.runs[key]}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, shared_data_dir):
+    root = tmp_path_factory.mktemp("chain")
+    runs = {"encoder": run_stage(root, shared_data_dir, ["stage=encoder"])}
+    for llm in ("tiny", "tiny_draft"):
+        runs[f"projector_{llm}"] = run_stage(root, shared_data_dir, ["stage=projector", f"llm={llm}"])
+        runs[f"llm_{llm}"] = run_stage(root, shared_data_dir, ["stage=llm", f"llm={llm}"])
+    return root, shared_data_dir, runs
+
+
+def _artifact(root: Path, run: str) -> dict:
+    return load_artifact(root / "outputs" / "default" / run / "artifact")
+
+
+def _parts(names: set[str]) -> dict[str, set[str]]:
+    parts: dict[str, set[str]] = {"encoder": set(), "projector": set(), "llm": set()}
+    for n in names:
+        parts[n.split(".")[1]].add(n)
+    return parts
+
+
+def test_projector_stage_trains_only_the_projector(chain):
+    _, _, runs = chain
+    for llm in ("tiny", "tiny_draft"):
+        run = runs[f"projector_{llm}"]
+        parts = _parts(run["all"])
+        assert run["trainable"] == parts["projector"]
+        assert run["grads"] == parts["projector"]
+        assert run["changed"] and run["changed"] <= parts["projector"]
+        assert run["modes"] == {(False, False, True)}  # frozen encoder and LLM run in eval mode
+        assert run["metrics"]["val/wer/dev"] >= 0 and "test/wer/test" in run["metrics"]
+        assert _artifact(chain[0], f"projector_{llm}")["llm"]["adapter"] == "frozen"
+
+
+def test_llm_stage_trains_lora_and_projector_only(chain):
+    _, _, runs = chain
+    run = runs["llm_tiny"]
+    parts = _parts(run["all"])
+    lora = {n for n in parts["llm"] if "lora_" in n}
+    assert lora and run["trainable"] == parts["projector"] | lora
+    assert run["grads"] == run["trainable"]
+    assert run["changed"] <= run["trainable"] and any("lora_B" in n for n in run["changed"])
+    assert run["modes"] == {(False, True, True)}
+
+
+def test_draft_llm_stage_trains_the_whole_draft(chain):
+    root, _, runs = chain
+    run = runs["llm_tiny_draft"]
+    parts = _parts(run["all"])
+    assert run["trainable"] == parts["projector"] | parts["llm"]
+    assert not (run["changed"] & parts["encoder"])
+    stored = _artifact(root, "llm_tiny_draft")["llm"]
+    assert stored["adapter"] == "full"
+    # the draft's vocabulary chosen on the training transcripts in stage 2 is carried through
+    previous = _artifact(root, "projector_tiny_draft")["llm"]["weights"]["draft_head"]["vocab_ids"]
+    assert torch.equal(stored["weights"]["full"]["vocab_ids"], previous)
+
+
+def test_artifacts_carry_encoder_and_only_changed_llm_weights(chain):
+    root, _, _ = chain
+    encoder = _artifact(root, "encoder")["encoder"]["state_dict"]
+    for run in ("projector_tiny", "llm_tiny", "projector_tiny_draft", "llm_tiny_draft"):
+        art = _artifact(root, run)
+        for k, v in encoder.items():  # the frozen encoder went through both stages unchanged
+            assert torch.equal(art["encoder"]["state_dict"][k], v), (run, k)
+        assert art["llm"]["spec"]["model"].get("texts") is None  # no runtime transcripts in the spec
+    assert set(_artifact(root, "projector_tiny")["llm"]["weights"]) == set()
+    lora = _artifact(root, "llm_tiny")["llm"]["weights"]
+    assert set(lora) == {"lora"} and all("lora_" in k for k in lora["lora"])
+
+
+@pytest.mark.parametrize("run", ["llm_tiny", "llm_tiny_draft"])
+def test_reloaded_artifact_gives_identical_logits(chain, run):
+    from efin.inference import speech_llm_from_artifact
+
+    root, _, runs = chain
+    trained = runs[run]["module"].model.eval()
+    rebuilt = speech_llm_from_artifact(_artifact(root, run)).eval()
+    feats, lens = torch.randn(2, 120, 80), torch.tensor([120, 90])
+    ids = torch.randint(6, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trained.llm(input_ids=ids).logits, rebuilt.llm(input_ids=ids).logits)
+        a, b = trained(feats, lens, ["hello there", "a b"]), rebuilt(feats, lens, ["hello there", "a b"])
+    assert torch.equal(a.loss, b.loss)
+    # not vacuous: the LLM rebuilt without the stored weights differs
+    from efin.models.llm_state import build_llm_from_spec
+
+    stored = _artifact(root, run)["llm"]
+    bare, _ = build_llm_from_spec(stored["spec"]["model"], stored["adapter"], stored["spec"]["lora"])
+    with torch.no_grad():
+        assert not torch.equal(bare.eval()(input_ids=ids).logits, rebuilt.llm(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("run", ["projector_tiny", "llm_tiny", "llm_tiny_draft"])
+def test_recognizer_reproduces_stage_transcripts(chain, run):
+    from efin.evaluate import evaluate
+
+    root, data_dir, runs = chain
+    stage_hyps = Path(runs[run]["cfg"].paths.output_dir) / "decode" / "test.hyps.jsonl"
+    expected = {r["id"]: r["hyp"] for r in map(json.loads, stage_hyps.read_text().splitlines())}
+    out = root / "eval" / run
+    cfg = compose_config(
+        [f"artifact={root}/outputs/default/{run}/artifact", f"manifest={data_dir}/synthetic-tiny/test.jsonl",
+         f"out_dir={out}", "num_workers=0"], root, data_dir, config_name="evaluate",
+    )
+    metrics = evaluate(cfg)
+    got = {r["id"]: r["hyp"] for r in map(json.loads, (out / "test.hyps.jsonl").read_text().splitlines())}
+    assert got == expected and len(got) == 8
+    assert metrics["wer"] == pytest.approx(runs[run]["metrics"]["test/wer/test"])
+
+
+def test_beam_option_reaches_the_recognizer(chain):
+    root, _, _ = chain
+    recognizer, featurizer = load_recognizer(root / "outputs" / "default" / "llm_tiny" / "artifact", num_beams=2)
+    assert recognizer.options["num_beams"] == 2 and featurizer.config["n_mels"] == 80
+    assert len(recognizer.transcribe(torch.randn(2, 50, 80), torch.tensor([50, 40]))) == 2
+
+
+def test_missing_artifact_names_the_command_to_run(tmp_path, shared_data_dir):
+    cfg = compose_config(TINY + ["stage=llm", "llm=tiny", "name=fresh"], tmp_path, shared_data_dir)
+    with pytest.raises(ArtifactError, match=r"python -m efin\.train stage=projector llm=tiny name=fresh"):
+        train(cfg)
+
+
+def test_encoder_and_llm_mismatch_errors(chain):
+    root, data_dir, _ = chain
+    cfg = compose_config(TINY + ["stage=projector", "llm=tiny", "encoder=small"], root, data_dir)
+    with pytest.raises(ArtifactError, match="different encoder.*d_model: artifact 32 vs config 144"):
+        train(cfg)
+    cfg = compose_config(TINY + ["stage=llm", "llm=tiny", "llm.model.hidden_size=32",
+                                 f"init_from={root}/outputs/default/projector_tiny/artifact"], root, data_dir)
+    with pytest.raises(ArtifactError, match="different LLM"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("run", ["llm_tiny", "llm_tiny_draft"])
+def test_hf_export_reloads_to_same_transcripts(chain, run, tmp_path):
+    import importlib.util
+
+    from torch.utils.data import DataLoader
+
+    from efin.data.dataset import SpeechDataset, collate
+    from efin.data.manifest import load_manifest
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"
+    spec = importlib.util.spec_from_file_location("export_hf", script)
+    export_hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_hf)
+
+    root, data_dir, _ = chain
+    artifact = root / "outputs" / "default" / run / "artifact"
+    out = export_hf.export(artifact, tmp_path / "export")
+    assert (out / "llm" / "config.json").is_file() and (out / "projector.pt").is_file()
+    assert not any("lora" in p.name for p in (out / "llm").iterdir())  # LoRA merged, no adapter files
+    original, featurizer = load_recognizer(artifact)
+    exported, _ = export_hf.load_export(out)
+    utterances = load_manifest(data_dir / "synthetic-tiny" / "test.jsonl")
+    batch = next(iter(DataLoader(SpeechDataset(utterances, featurizer), batch_size=8, collate_fn=collate)))
+    assert exported.transcribe(batch["feats"], batch["feat_lens"]) == original.transcribe(batch["feats"], batch["feat_lens"])
+
+
+def test_projector_width_mismatch_error(chain):
+    from hydra.utils import instantiate
+
+    root, data_dir, _ = chain
+    artifact = _artifact(root, "projector_tiny")
+    artifact["projector"]["config"]["output_dim"] = 32  # as if trained for a 32-wide LLM
+    cfg = compose_config(TINY + ["stage=llm", "llm=tiny"], root, data_dir)
+    module = instantiate(cfg.stage.module)
+    module.init_from_artifact(artifact)
+    with pytest.raises(ArtifactError, match="width mismatch.*output_dim: artifact 32 vs this run 64"):
+        module._build_projector(64)
