@@ -5,12 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine extra threads
+# make every step many times slower.
+torch.set_num_threads(1)
 
 
 def compose_config(

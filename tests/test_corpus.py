@@ -220,3 +220,13 @@ def test_worker_processes_give_identical_output(tmp_path, monkeypatch):
     for split in one:
         for a, b in zip(load_manifest(one[split]), load_manifest(two[split]), strict=True):
             assert Path(a.audio_filepath).read_bytes() == Path(b.audio_filepath).read_bytes()
+
+
+def test_vocab_size_restricts_sentences_to_frequent_words():
+    with open(corpus_mod._markov_model_path(), encoding="utf-8") as f:
+        chain = json.load(f)
+    frequent = corpus_mod._frequent_words(chain, 2000)
+    assert len(frequent) == 2000 and {"the", "of", "and"} <= frequent
+    sentences = corpus_mod._walk_sentences(chain, seed=7, n=20, min_words=4, max_words=14, max_word_chars=14, vocab=frequent)
+    assert len(sentences) == 20
+    assert all(w in frequent for s in sentences for w in normalize(s).split())

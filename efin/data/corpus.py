@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import contextlib
 import ctypes
 import json
@@ -127,10 +128,24 @@ def _is_clean(words: list[str], min_words: int, max_words: int, max_word_chars: 
     return True
 
 
+def _frequent_words(chain: dict, size: int) -> set[str]:
+    """The ``size`` most frequent normalised words of the chain (counts from its bigram totals)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for node in chain.values():
+        left = normalize(node.get("left", ""))
+        if left and " " not in left:
+            counts[left] += node.get("total", 1)
+    return {w for w, _ in counts.most_common(size)}
+
+
 def _walk_sentences(
-    chain: dict, seed: int, n: int, min_words: int, max_words: int, max_word_chars: int, max_steps: int | None = None
+    chain: dict, seed: int, n: int, min_words: int, max_words: int, max_word_chars: int,
+    max_steps: int | None = None, vocab: set[str] | None = None,
 ) -> list[str]:
     """Drive the trigram chain with our own RNG and keep the first n distinct clean sentences.
+
+    With ``vocab``, a sentence is kept only when every word is in it (a closed vocabulary of
+    frequent words: enough words for real variety, few enough to be learnt from hours of audio).
 
     A sentence starts right after a word ending in "." and ends at the next such word, so it
     begins where the Wikipedia text began sentences. Dedup is on the normalised text, so two
@@ -140,7 +155,7 @@ def _walk_sentences(
     keys = list(chain)  # file order: deterministic for a given package version
     out: list[str] = []
     seen: set[str] = set()
-    budget = max_steps or 400 * n + 1_000_000  # ~110 steps per kept sentence at the defaults
+    budget = max_steps or 4000 * n + 1_000_000  # ~110 steps per kept sentence without vocab, ~700 with 5k words
     state = rng.choice(keys)
     sentence: list[str] | None = None  # None: wait for the next sentence boundary
     while len(out) < n:
@@ -165,7 +180,7 @@ def _walk_sentences(
             if sentence and _is_clean(sentence, min_words, max_words, max_word_chars):
                 text = " ".join(sentence)
                 key = normalize(text)
-                if key not in seen:
+                if key not in seen and (vocab is None or all(w in vocab for w in key.split())):
                     seen.add(key)
                     out.append(text)
             sentence = []
@@ -179,16 +194,19 @@ def _cache_dir() -> Path:
 
 
 def generate_sentences(
-    n: int, seed: int = 1234, min_words: int = 4, max_words: int = 14, max_word_chars: int = 14
+    n: int, seed: int = 1234, min_words: int = 4, max_words: int = 14, max_word_chars: int = 14,
+    vocab_size: int | None = None,
 ) -> list[str]:
     """The first n distinct clean sentences of the seeded Markov walk.
+
+    ``vocab_size`` keeps only sentences made of the chain's ``vocab_size`` most frequent words.
 
     Loading the 46 MB chain takes seconds, so the result is cached on disk (``$EFIN_CACHE_DIR``
     or ``~/.cache/efin``). The walk is a stream, so a cached longer list answers any shorter
     request with the same prefix.
     """
     model = _markov_model_path()
-    key = f"v{FORMAT_VERSION}-s{seed}-w{min_words}-{max_words}-c{max_word_chars}-m{model.stat().st_size}"
+    key = f"v{FORMAT_VERSION}-s{seed}-w{min_words}-{max_words}-c{max_word_chars}-V{vocab_size}-m{model.stat().st_size}"
     cache = _cache_dir() / f"sentences-{key}.json"
     with contextlib.suppress(OSError, ValueError):
         cached = json.loads(cache.read_text(encoding="utf-8"))
@@ -197,7 +215,8 @@ def generate_sentences(
     t0 = time.perf_counter()
     with open(model, encoding="utf-8") as f:
         chain = json.load(f)
-    sentences = _walk_sentences(chain, seed, n, min_words, max_words, max_word_chars)
+    vocab = _frequent_words(chain, vocab_size) if vocab_size else None
+    sentences = _walk_sentences(chain, seed, n, min_words, max_words, max_word_chars, vocab=vocab)
     del chain
     log.info("generated %d sentences in %.1f s", n, time.perf_counter() - t0)
     try:
@@ -552,6 +571,7 @@ def ensure_synthetic_corpus(
     min_words: int = 4,
     max_words: int = 14,
     max_word_chars: int = 14,
+    vocab_size: int | None = 5000,
     accents: Sequence[str] = DEFAULT_ACCENTS,
     variants: Sequence[str] = DEFAULT_VARIANTS,
     test_voices: Sequence[str] = DEFAULT_TEST_VOICES,
@@ -569,6 +589,9 @@ def ensure_synthetic_corpus(
         seed: drives sentences, voices and prosody.
         sample_rate: Hz of the written FLAC files (eSpeak speaks at 22,050 Hz; we resample).
         min_words, max_words: sentence length range in words; max_word_chars: longest word.
+        vocab_size: sentences use only the text model's this-many most frequent words (None: any
+            word). Rare words are mostly names and one-off spellings that hours of audio cannot
+            teach; 5,000 keeps thousands of distinct words while test words are mostly seen in train.
         accents, variants: eSpeak language voices x voice variants; every pair is a voice.
         test_voices: held out for test only; "accent" (all its variants) or "accent+variant".
         rate_range: speaking rate in words/min, drawn per utterance (inclusive).
@@ -591,6 +614,7 @@ def ensure_synthetic_corpus(
         "min_words": int(min_words),
         "max_words": int(max_words),
         "max_word_chars": int(max_word_chars),
+        "vocab_size": None if vocab_size is None else int(vocab_size),
         "accents": _as_list(accents),
         "variants": _as_list(variants),
         "test_voices": _as_list(test_voices),
@@ -631,7 +655,8 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
     counts = {s: params[f"num_{s}"] for s in SPLITS}
     log.info("generating synthetic corpus in %s (%s utterances)", root, counts)
     sentences = generate_sentences(
-        sum(counts.values()), params["seed"], params["min_words"], params["max_words"], params["max_word_chars"]
+        sum(counts.values()), params["seed"], params["min_words"], params["max_words"], params["max_word_chars"],
+        params["vocab_size"],
     )
     # Test first, then dev: growing num_train later keeps the evaluation utterances unchanged.
     by_split = {
@@ -736,6 +761,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--sample-rate", type=int, default=16000, help="Hz of the written audio")
     parser.add_argument("--min-words", type=int, default=4)
     parser.add_argument("--max-words", type=int, default=14)
+    parser.add_argument("--vocab-size", type=int, default=5000, help="most frequent words allowed (0: any)")
     parser.add_argument("--accents", nargs="+", default=list(DEFAULT_ACCENTS), help="eSpeak language voices")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="eSpeak voice variants")
     parser.add_argument("--test-voices", nargs="+", default=list(DEFAULT_TEST_VOICES),
@@ -753,6 +779,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         sample_rate=args.sample_rate,
         min_words=args.min_words,
         max_words=args.max_words,
+        vocab_size=args.vocab_size or None,
         accents=args.accents,
         variants=args.variants,
         test_voices=args.test_voices,

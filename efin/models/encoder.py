@@ -64,6 +64,8 @@ class Encoder(nn.Module):
         d_model: width of the Conformer blocks and of the output.
         num_layers, num_heads, ffn_dim, conv_kernel: Conformer block shape.
         dropout: dropout inside the blocks.
+        subsampling_channels: channels of the two subsampling convolutions (their backward pass
+            is a large share of CPU step time for small encoders).
     """
 
     subsampling = 4  # input frames per output frame
@@ -77,17 +79,18 @@ class Encoder(nn.Module):
         ffn_dim: int = 576,
         conv_kernel: int = 15,
         dropout: float = 0.1,
+        subsampling_channels: int = 64,
     ):
         super().__init__()
         # Constructor arguments, stored in artifacts so a later stage can rebuild this encoder.
         self.config = dict(
             input_dim=input_dim, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
-            ffn_dim=ffn_dim, conv_kernel=conv_kernel, dropout=dropout,
+            ffn_dim=ffn_dim, conv_kernel=conv_kernel, dropout=dropout, subsampling_channels=subsampling_channels,
         )
         self.input_dim = input_dim
         self.output_dim = d_model
         self.cmvn = GlobalCMVN(input_dim)
-        self.subsample = Conv2dSubsampling(input_dim, d_model)
+        self.subsample = Conv2dSubsampling(input_dim, d_model, subsampling_channels)
         self.dropout = nn.Dropout(dropout)
         self.conformer = Conformer(
             input_dim=d_model,
