@@ -35,7 +35,8 @@ def evaluate(cfg: DictConfig) -> dict:
     utterances = load_manifest(cfg.manifest, on_invalid=cfg.on_invalid)
     dataset = SpeechDataset(utterances, featurizer)
     sampler = DurationBucketSampler(
-        [u.duration for u in utterances], max_seconds=cfg.batch_seconds, shuffle=False, num_replicas=1, rank=0
+        [u.duration for u in utterances], max_seconds=cfg.batch_seconds, num_buckets=cfg.num_buckets,
+        shuffle=False, num_replicas=1, rank=0,
     )
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
     records, audio_seconds, start = [], 0.0, time.perf_counter()

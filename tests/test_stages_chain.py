@@ -167,9 +167,13 @@ def test_recognizer_reproduces_stage_transcripts(chain, run):
     stage_hyps = Path(runs[run]["cfg"].paths.output_dir) / "decode" / "test.hyps.jsonl"
     expected = {r["id"]: r["hyp"] for r in map(json.loads, stage_hyps.read_text().splitlines())}
     out = root / "eval" / run
+    data = runs[run]["cfg"].data
+    # The same batches as the stage's test loop: an untrained tiny model has near-ties that the
+    # float noise of another padding length could flip.
     cfg = compose_config(
         [f"artifact={root}/outputs/default/{run}/artifact", f"manifest={data_dir}/synthetic-tiny/test.jsonl",
-         f"out_dir={out}", "num_workers=0"], root, data_dir, config_name="evaluate",
+         f"out_dir={out}", "num_workers=0", f"batch_seconds={data.val_max_batch_seconds}",
+         f"num_buckets={data.num_buckets}"], root, data_dir, config_name="evaluate",
     )
     metrics = evaluate(cfg)
     got = {r["id"]: r["hyp"] for r in map(json.loads, (out / "test.hyps.jsonl").read_text().splitlines())}

@@ -40,7 +40,9 @@ def test_artifact_round_trip_reproduces_test_transcripts(encoder_run, tmp_path):
     assert artifact["encoder"]["config"]["d_model"] == 32
 
     eval_cfg = compose_config(
-        [f"artifact={link}", f"manifest={cfg.data.test}", f"out_dir={tmp_path}"], tmp_path, config_name="evaluate"
+        [f"artifact={link}", f"manifest={cfg.data.test}", f"out_dir={tmp_path}",
+         f"batch_seconds={cfg.data.val_max_batch_seconds}", f"num_buckets={cfg.data.num_buckets}"],
+        tmp_path, config_name="evaluate",
     )
     result = evaluate(eval_cfg)
     stage_hyps = {r["id"]: r["hyp"] for r in map(json.loads, open(Path(cfg.paths.output_dir) / "decode/test.hyps.jsonl"))}
