@@ -12,7 +12,6 @@ from torch import nn
 from efin.models import llm as llm_mod
 from efin.models.llm import (
     SubsetHeadLM,
-    apply_adapter,
     build_draft,
     build_draft_llm,
     build_llm,

@@ -8,7 +8,6 @@ from torch import nn
 from transformers import DynamicCache
 
 from efin.decoding.llm_search import (
-    beam_search,
     extend,
     forward_step,
     greedy_search,

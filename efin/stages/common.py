@@ -99,3 +99,17 @@ def write_results(out_dir: str | Path, split: str, records: list[dict]) -> dict:
     }
     (out_dir / f"{split}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def log_error_rates(module: LightningModule, transcripts: Transcripts, split: str, dataset: str) -> None:
+    """Log ``split/wer/dataset`` and ``split/cer/dataset`` over all ranks' transcripts and, on
+    test, write the per-utterance results into ``<run dir>/decode/``."""
+    records = transcripts.gather()
+    transcripts.reset()
+    if not records:
+        return
+    counts, _ = score(records)
+    module.log(f"{split}/wer/{dataset}", counts.wer, prog_bar=True, rank_zero_only=True)
+    module.log(f"{split}/cer/{dataset}", counts.cer, prog_bar=True, rank_zero_only=True)
+    if split == "test" and module.trainer.is_global_zero:
+        write_results(Path(module.trainer.default_root_dir) / "decode", dataset, records)

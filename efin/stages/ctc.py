@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
 from efin.decoding.ctc import ctc_greedy
 from efin.models.ctc import CTCModel
 from efin.models.encoder import Encoder
-from efin.stages.common import Transcripts, adamw_warmup_cosine, score, write_results
+from efin.stages.common import Transcripts, adamw_warmup_cosine, log_error_rates
 from efin.tokenizer import build_vocab, vocab_from_state
 
 log = logging.getLogger(__name__)
@@ -89,26 +87,17 @@ class CTCStage(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, "test/loss/test")
 
-    def _report(self, split: str, dataset: str) -> None:
-        records = self.transcripts.gather()
-        self.transcripts.reset()
-        counts, _ = score(records)
-        self.log(f"{split}/wer/{dataset}", counts.wer, prog_bar=True, rank_zero_only=True)
-        self.log(f"{split}/cer/{dataset}", counts.cer, prog_bar=True, rank_zero_only=True)
-        if split == "test" and self.trainer.is_global_zero and self.trainer.log_dir:
-            write_results(Path(self.trainer.default_root_dir) / "decode", dataset, records)
-
     def on_validation_epoch_start(self) -> None:
         self.transcripts.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._report("val", "dev")
+        log_error_rates(self, self.transcripts, "val", "dev")
 
     def on_test_epoch_start(self) -> None:
         self.transcripts.reset()
 
     def on_test_epoch_end(self) -> None:
-        self._report("test", "test")
+        log_error_rates(self, self.transcripts, "test", "test")
 
     # ---- handoff ------------------------------------------------------------------------
     def artifact_payload(self) -> dict:

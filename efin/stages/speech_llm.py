@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,7 +35,7 @@ from efin.models.llm_state import (
     load_handoff_state,
 )
 from efin.models.speech_llm import SpeechLLM
-from efin.stages.common import Transcripts, adamw_warmup_cosine, score, write_results
+from efin.stages.common import Transcripts, adamw_warmup_cosine, log_error_rates
 
 log = logging.getLogger(__name__)
 
@@ -303,17 +302,6 @@ class SpeechLLMStage(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, "test/loss/test", None, num_beams=None)  # llm.generation defaults
 
-    def _report(self, split: str, dataset: str) -> None:
-        records = self.transcripts.gather()
-        self.transcripts.reset()
-        if not records:
-            return
-        counts, _ = score(records)
-        self.log(f"{split}/wer/{dataset}", counts.wer, prog_bar=True, rank_zero_only=True)
-        self.log(f"{split}/cer/{dataset}", counts.cer, prog_bar=True, rank_zero_only=True)
-        if split == "test" and self.trainer.is_global_zero and self.trainer.log_dir:
-            write_results(Path(self.trainer.default_root_dir) / "decode", dataset, records)
-
     def on_validation_epoch_start(self) -> None:
         self.transcripts.reset()
         limit = self.hparams.val_generate_max_utterances
@@ -321,13 +309,13 @@ class SpeechLLMStage(pl.LightningModule):
         self._generate_left = None if limit is None else math.ceil(limit / self.trainer.world_size)
 
     def on_validation_epoch_end(self) -> None:
-        self._report("val", "dev")
+        log_error_rates(self, self.transcripts, "val", "dev")
 
     def on_test_epoch_start(self) -> None:
         self.transcripts.reset()
 
     def on_test_epoch_end(self) -> None:
-        self._report("test", "test")
+        log_error_rates(self, self.transcripts, "test", "test")
 
     # ---- handoff ------------------------------------------------------------------------
     def llm_spec(self) -> dict:
