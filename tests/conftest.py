@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -43,3 +44,15 @@ def compose_config(
 def shared_data_dir(tmp_path_factory) -> Path:
     """One data directory per test session, so the tiny corpus is generated once."""
     return tmp_path_factory.mktemp("data")
+
+
+class LinearEncoder(nn.Module):
+    """Stand-in encoder with the real interface: 4x subsampling + Linear."""
+
+    def __init__(self, feat_dim: int = 8, output_dim: int = 16):
+        super().__init__()
+        self.lin = nn.Linear(feat_dim, output_dim)
+        self.output_dim = output_dim
+
+    def forward(self, feats, feat_lens):
+        return self.lin(feats[:, ::4]), torch.div(feat_lens + 3, 4, rounding_mode="floor")

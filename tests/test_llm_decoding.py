@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from transformers import DynamicCache
 
 from efin.decoding.llm_search import (
@@ -18,20 +17,9 @@ from efin.decoding.llm_search import (
 from efin.models.llm import build_draft_llm, build_tiny_llm
 from efin.models.projector import StackingMLPProjector
 from efin.models.speech_llm import SpeechLLM
+from tests.conftest import LinearEncoder
 
 MAX_NEW = 24
-
-
-class LinearEncoder(nn.Module):
-    """Stand-in encoder with the real interface: 4x subsampling + Linear."""
-
-    def __init__(self, feat_dim: int = 8, output_dim: int = 16):
-        super().__init__()
-        self.lin = nn.Linear(feat_dim, output_dim)
-        self.output_dim = output_dim
-
-    def forward(self, feats, feat_lens):
-        return self.lin(feats[:, ::4]), torch.div(feat_lens + 3, 4, rounding_mode="floor")
 
 
 def _speech_llm(llm, tok, seed=0):

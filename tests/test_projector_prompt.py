@@ -11,18 +11,7 @@ from efin.models.llm import build_tiny_llm, build_tiny_tokenizer
 from efin.models.projector import ConvProjector, StackingMLPProjector
 from efin.models.speech_llm import SpeechLLM
 from efin.text import normalize
-
-
-class LinearEncoder(nn.Module):
-    """Stand-in encoder with the real interface: 4x subsampling + Linear."""
-
-    def __init__(self, feat_dim: int = 8, output_dim: int = 16):
-        super().__init__()
-        self.lin = nn.Linear(feat_dim, output_dim)
-        self.output_dim = output_dim
-
-    def forward(self, feats, feat_lens):
-        return self.lin(feats[:, ::4]), torch.div(feat_lens + 3, 4, rounding_mode="floor")
+from tests.conftest import LinearEncoder
 
 
 PROJECTORS = [
