@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from hydra.utils import instantiate
 
 from efin.artifacts import ArtifactError, load_artifact
 from efin.data.audio import LogMel
@@ -17,11 +18,18 @@ from efin.models.speech_llm import SpeechLLM
 from efin.tokenizer import vocab_from_state
 
 
-def encoder_from_artifact(artifact: dict) -> Encoder:
-    """The artifact's encoder with its exact weights (expected keys checked, strict loading)."""
-    encoder = Encoder(**artifact["encoder"]["config"])
-    encoder.load_state_dict(artifact["encoder"]["state_dict"], strict=True)
+def encoder_from_entry(entry: dict) -> Encoder:
+    """An encoder rebuilt from a stored ``{"config", "state_dict"}`` entry (strict loading)."""
+    encoder = Encoder(**entry["config"])
+    encoder.load_state_dict(entry["state_dict"], strict=True)
     return encoder
+
+
+def projector_from_entry(entry: dict):
+    """A projector rebuilt from a stored ``{"config": builder node, "state_dict"}`` entry."""
+    projector = instantiate(entry["config"])
+    projector.load_state_dict(entry["state_dict"], strict=True)
+    return projector
 
 
 class CTCRecognizer:
@@ -29,7 +37,7 @@ class CTCRecognizer:
 
     def __init__(self, artifact: dict, device: str = "cpu"):
         self.vocab = vocab_from_state(artifact["ctc_head"]["vocab"])
-        self.model = CTCModel(encoder_from_artifact(artifact), self.vocab.size)
+        self.model = CTCModel(encoder_from_entry(artifact["encoder"]), self.vocab.size)
         self.model.head.load_state_dict(artifact["ctc_head"]["state_dict"], strict=True)
         self.model.to(device).eval()
         self.device = device
@@ -58,11 +66,8 @@ def speech_llm_from_artifact(artifact: dict, cache_dir: str | None = None) -> Sp
     missing = [k for k in ("spec", "adapter", "weights") if k not in stored]
     if missing:
         raise ArtifactError(f"the artifact's llm entry lacks {missing}; re-export it with this efin version")
-    from hydra.utils import instantiate
-
-    encoder = encoder_from_artifact(artifact)
-    projector = instantiate(artifact["projector"]["config"])
-    projector.load_state_dict(artifact["projector"]["state_dict"], strict=True)
+    encoder = encoder_from_entry(artifact["encoder"])
+    projector = projector_from_entry(artifact["projector"])
     spec = stored["spec"]
     model_spec = spec["model"] if cache_dir is None else _replace_key(spec["model"], "cache_dir", cache_dir)
     llm, tokenizer = build_llm_from_spec(model_spec, stored["adapter"], spec.get("lora"))

@@ -101,19 +101,15 @@ def load_export(directory: str | Path, device: str = "cpu", **options) -> tuple[
     """
     from hydra.utils import instantiate
 
-    from efin.models.encoder import Encoder
+    from efin.inference import encoder_from_entry, projector_from_entry
     from efin.models.speech_llm import SpeechLLM
 
     directory = Path(directory)
     meta = json.loads((directory / "efin_export.json").read_text())
     if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
         raise ValueError(f"{directory} is not an efin export (format {EXPORT_FORMAT} v{EXPORT_VERSION} expected)")
-    enc = torch.load(directory / "encoder.pt", map_location="cpu", weights_only=True)
-    encoder = Encoder(**enc["config"])
-    encoder.load_state_dict(enc["state_dict"], strict=True)
-    proj = torch.load(directory / "projector.pt", map_location="cpu", weights_only=True)
-    projector = instantiate(proj["config"])
-    projector.load_state_dict(proj["state_dict"], strict=True)
+    encoder = encoder_from_entry(torch.load(directory / "encoder.pt", map_location="cpu", weights_only=True))
+    projector = projector_from_entry(torch.load(directory / "projector.pt", map_location="cpu", weights_only=True))
     llm, tokenizer = _load_llm(directory / "llm", meta.get("draft_vocab_ids"))
     prompt = instantiate(meta["prompt"], tokenizer=tokenizer)
     model = SpeechLLM(
