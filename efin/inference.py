@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +11,7 @@ from hydra.utils import instantiate
 
 from efin.artifacts import ArtifactError, load_artifact
 from efin.data.audio import LogMel
-from efin.decoding.ctc import ctc_greedy
+from efin.decoding.ctc import ctc_greedy, lm_decoder
 from efin.models.ctc import CTCModel
 from efin.models.encoder import Encoder
 from efin.models.llm_state import LLMStateError, build_llm_from_spec, load_handoff_state
@@ -33,19 +34,39 @@ def projector_from_entry(entry: dict):
 
 
 class CTCRecognizer:
-    """Greedy CTC transcription with the encoder stage's artifact."""
+    """CTC transcription with the encoder stage's artifact: lexicon beam search with the
+    artifact's word LM when it has one (``lm`` true), else greedy.
 
-    def __init__(self, artifact: dict, device: str = "cpu"):
+    Options (evaluate's ``decode:``): ``lm`` (false: greedy even when an LM is stored),
+    ``beam_size``, ``lm_weight``, ``word_score`` (None: the artifact's settings).
+    """
+
+    def __init__(
+        self,
+        artifact: dict,
+        device: str = "cpu",
+        lm: bool = True,
+        beam_size: int | None = None,
+        lm_weight: float | None = None,
+        word_score: float | None = None,
+    ):
         self.vocab = vocab_from_state(artifact["ctc_head"]["vocab"])
         self.model = CTCModel(encoder_from_entry(artifact["encoder"]), self.vocab.size)
         self.model.head.load_state_dict(artifact["ctc_head"]["state_dict"], strict=True)
         self.model.to(device).eval()
         self.device = device
+        self.lm_decoder = None
+        if lm and artifact.get("ctc_lm") is not None:
+            self.lm_decoder = lm_decoder(
+                self.vocab, artifact["ctc_lm"], beam_size=beam_size, lm_weight=lm_weight, word_score=word_score
+            )
 
     @torch.inference_mode()
     def transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
         """(B, T, F) log-mel, (B,) lengths -> B transcripts (normalised text)."""
         log_probs, lens = self.model(feats.to(self.device), feat_lens.to(self.device))
+        if self.lm_decoder is not None:
+            return self.lm_decoder(log_probs, lens)
         return [self.vocab.decode(ids) for ids in ctc_greedy(log_probs, lens)]
 
 
@@ -131,5 +152,13 @@ def load_recognizer(path: str | Path, device: str = "cpu", **options):
     """Load any stage artifact and return (recognizer, featurizer)."""
     artifact = load_artifact(path, expected_stage=tuple(RECOGNIZERS))
     options = {k: v for k, v in options.items() if v is not None}  # None: the recognizer's default
-    recognizer = RECOGNIZERS[artifact["stage"]](artifact, device=device, **options)
+    cls = RECOGNIZERS[artifact["stage"]]
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "artifact", "device"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"decode options {unknown} do not apply to an {artifact['stage']} artifact ({path}); "
+            f"its options are {sorted(known)}"
+        )
+    recognizer = cls(artifact, device=device, **options)
     return recognizer, LogMel(**artifact["features"])

@@ -10,6 +10,7 @@ from omegaconf import open_dict
 
 from efin.artifacts import ArtifactError, load_artifact
 from efin.evaluate import evaluate
+from efin.inference import load_recognizer
 from efin.train import resolve_ckpt_path, train
 from tests.conftest import compose_config
 
@@ -26,7 +27,8 @@ def encoder_run(tmp_path_factory, shared_data_dir):
 
 def test_reports_dev_and_test_error_rates(encoder_run):
     _, metrics = encoder_run
-    for key in ("val/wer/dev", "val/cer/dev", "test/wer/test", "test/cer/test", "train/loss"):
+    for key in ("val/wer/dev", "val/cer/dev", "test/wer/test", "test/cer/test", "train/loss",
+                "val/wer/dev_lm", "test/wer/test_lm", "test/cer/test_lm"):
         assert key in metrics
     assert 0.0 <= metrics["test/cer/test"] <= 1.5
 
@@ -36,19 +38,29 @@ def test_artifact_round_trip_reproduces_test_transcripts(encoder_run, tmp_path):
     link = Path(cfg.paths.stage_dir) / "artifact"
     assert link.is_symlink(), "the stage directory links its newest artifact"
     artifact = load_artifact(link, expected_stage="encoder")
-    assert set(artifact) >= {"encoder", "ctc_head", "features"}
+    assert set(artifact) >= {"encoder", "ctc_head", "features", "ctc_lm"}
     assert artifact["encoder"]["config"]["d_model"] == 32
 
-    eval_cfg = compose_config(
-        [f"artifact={link}", f"manifest={cfg.data.test}", f"out_dir={tmp_path}",
-         f"batch_seconds={cfg.data.val_max_batch_seconds}", f"num_buckets={cfg.data.num_buckets}"],
-        tmp_path, config_name="evaluate",
-    )
-    result = evaluate(eval_cfg)
-    stage_hyps = {r["id"]: r["hyp"] for r in map(json.loads, open(Path(cfg.paths.output_dir) / "decode/test.hyps.jsonl"))}
-    eval_hyps = {r["id"]: r["hyp"] for r in map(json.loads, open(tmp_path / "test.hyps.jsonl"))}
-    assert eval_hyps == stage_hyps
-    assert result["cer"] == pytest.approx(metrics["test/cer/test"])
+    # Default: the stored word LM (matches the stage's test_lm pass); decode.lm=false: greedy.
+    for options, stage_split, metric in (([], "test_lm", "test/cer/test_lm"), (["decode.lm=false"], "test", "test/cer/test")):
+        out = tmp_path / stage_split
+        eval_cfg = compose_config(
+            [f"artifact={link}", f"manifest={cfg.data.test}", f"out_dir={out}",
+             f"batch_seconds={cfg.data.val_max_batch_seconds}", f"num_buckets={cfg.data.num_buckets}", *options],
+            tmp_path, config_name="evaluate",
+        )
+        result = evaluate(eval_cfg)
+        decoded = Path(cfg.paths.output_dir) / f"decode/{stage_split}.hyps.jsonl"
+        stage_hyps = {r["id"]: r["hyp"] for r in map(json.loads, open(decoded))}
+        eval_hyps = {r["id"]: r["hyp"] for r in map(json.loads, open(out / "test.hyps.jsonl"))}
+        assert eval_hyps == stage_hyps
+        assert result["cer"] == pytest.approx(metrics[metric])
+
+
+def test_llm_decode_options_are_refused_for_a_ctc_artifact(encoder_run):
+    cfg, _ = encoder_run
+    with pytest.raises(ValueError, match=r"\['num_beams'\] do not apply to an encoder artifact"):
+        load_recognizer(Path(cfg.paths.stage_dir) / "artifact", num_beams=4)
 
 
 def test_wrong_artifact_kind_is_refused(encoder_run):

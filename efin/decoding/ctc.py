@@ -1,8 +1,14 @@
-"""Greedy (best-path) CTC decoding."""
+"""CTC decoding: greedy (best path), and lexicon beam search with a word n-gram LM."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
+
+from efin.decoding.ngram import kneser_ney_arpa
+from efin.text import normalize
 
 
 def ctc_greedy(log_probs: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
@@ -13,3 +19,87 @@ def ctc_greedy(log_probs: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
         ids = torch.unique_consecutive(row[:n]).tolist()
         out.append([i for i in ids if i != 0])
     return out
+
+
+class CTCLexiconBeamSearch:
+    """CTC beam search constrained to a word lexicon, with a word n-gram LM (shallow fusion).
+
+    Wraps ``torchaudio.models.decoder.ctc_decoder`` (flashlight-text's C++ decoder with KenLM).
+    Hypotheses are scored ``log P_ctc + lm_weight * log P_lm + word_score * words``; every output
+    word comes from ``words``.
+
+    Args:
+        symbols: the CTC vocabulary's symbols by id; id 0 is blank, ``" "`` the word separator
+            (a character vocabulary, :class:`efin.tokenizer.CharVocab`).
+        words: lexicon, e.g. every word of the training transcripts.
+        arpa: word LM as ARPA text (:func:`efin.decoding.ngram.kneser_ney_arpa`); None = lexicon only.
+        beam_size: hypotheses kept per frame.
+        lm_weight: weight of the LM log-probability (natural log units).
+        word_score: bonus per emitted word (counters the LM's preference for short outputs).
+    """
+
+    SEPARATOR = "|"  # flashlight's word-boundary token; our vocabulary's space maps to it
+
+    def __init__(
+        self,
+        symbols: list[str],
+        words: list[str],
+        arpa: str | None = None,
+        beam_size: int = 50,
+        lm_weight: float = 1.0,
+        word_score: float = 0.0,
+    ):
+        from torchaudio.models.decoder import ctc_decoder
+
+        if " " not in symbols:
+            raise ValueError("lexicon beam search needs a character vocabulary with a space symbol")
+        tokens = [self.SEPARATOR if s == " " else s for s in symbols]
+        letters = set(symbols[1:]) - {" "}
+        words = sorted({w for w in words if w and set(w) <= letters})
+        if not words:
+            raise ValueError("the lexicon has no word spelled with the vocabulary's characters")
+        # flashlight reads the lexicon and LM from files; they are only needed while it loads them.
+        with tempfile.TemporaryDirectory(prefix="efin-ctc-lm-") as tmp:
+            lexicon = Path(tmp) / "lexicon.txt"
+            lexicon.write_text("".join(f"{w}\t{' '.join(w)} {self.SEPARATOR}\n" for w in words))
+            lm = None
+            if arpa is not None:
+                lm = Path(tmp) / "lm.arpa"
+                lm.write_text(arpa)
+            self.decoder = ctc_decoder(
+                lexicon=str(lexicon),
+                tokens=tokens,
+                lm=None if lm is None else str(lm),
+                beam_size=beam_size,
+                lm_weight=lm_weight,
+                word_score=word_score,
+                blank_token=symbols[0],
+                sil_token=self.SEPARATOR,
+            )
+
+    def __call__(self, log_probs: torch.Tensor, lens: torch.Tensor) -> list[str]:
+        """(B, T', V) CTC log-probabilities, (B,) valid frames -> B transcripts (words joined by spaces)."""
+        results = self.decoder(log_probs.detach().float().cpu().contiguous(), lens.cpu().to(torch.int32))
+        return [" ".join(w for w in r[0].words if w) if r else "" for r in results]
+
+
+def build_ctc_lm(
+    texts: list[str], order: int = 3, beam_size: int = 50, lm_weight: float = 1.0, word_score: float = 0.0
+) -> dict:
+    """Word LM + lexicon from (normalised) training transcripts, with its decoding settings:
+    ``{"arpa": ARPA text, "words": sorted lexicon, "order", "decode": {beam_size, lm_weight, word_score}}``."""
+    texts = [normalize(t) for t in texts]
+    return {
+        "arpa": kneser_ney_arpa(texts, order),
+        "words": sorted({w for t in texts for w in t.split()}),
+        "order": order,
+        "decode": {"beam_size": beam_size, "lm_weight": lm_weight, "word_score": word_score},
+    }
+
+
+def lm_decoder(vocab, ctc_lm: dict, **overrides) -> CTCLexiconBeamSearch:
+    """Lexicon beam search with a stored ``ctc_lm`` entry; ``overrides`` replace its decode settings."""
+    if not hasattr(vocab, "symbols"):
+        raise ValueError("LM decoding needs the character CTC vocabulary (stage.module.vocab=char)")
+    settings = {**ctc_lm["decode"], **{k: v for k, v in overrides.items() if v is not None}}
+    return CTCLexiconBeamSearch(vocab.symbols, ctc_lm["words"], ctc_lm["arpa"], **settings)

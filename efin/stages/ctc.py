@@ -6,7 +6,7 @@ import logging
 
 import lightning.pytorch as pl
 
-from efin.decoding.ctc import ctc_greedy
+from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder
 from efin.models.ctc import CTCModel
 from efin.models.encoder import Encoder
 from efin.stages.common import Transcripts, adamw_warmup_cosine, log_error_rates
@@ -20,6 +20,11 @@ class CTCStage(pl.LightningModule):
 
     The CTC vocabulary and the feature statistics come from the training data, so the head is
     built in :meth:`setup`, once the datamodule has loaded its manifests.
+
+    ``lm`` (``{order, beam_size, lm_weight, word_score}``, or None for none): a word n-gram LM
+    trained on the training transcripts, and their words as the lexicon, for a second decoding
+    of dev and test by lexicon beam search next to greedy (``*/wer/dev_lm``, ``*/wer/test_lm``);
+    stored in the artifact. Character vocabularies only.
     """
 
     def __init__(
@@ -32,13 +37,18 @@ class CTCStage(pl.LightningModule):
         warmup_steps: int = 400,
         min_lr_ratio: float = 0.02,
         feature_stats_utterances: int = 500,
+        lm: dict | None = None,
     ):
         super().__init__()
+        lm = None if lm is None else dict(lm)  # plain dict: checkpoints load with weights_only
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
         self.model: CTCModel | None = None
         self.vocab = None
         self.transcripts = Transcripts()
+        self.lm_transcripts = Transcripts()
+        self.ctc_lm: dict | None = None  # {"arpa", "words", "order", "decode"}, see build_ctc_lm
+        self._lm_decoder = None
 
     # ---- model construction -------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -51,14 +61,20 @@ class CTCStage(pl.LightningModule):
         if stage == "fit":
             mean, std = dm.feature_stats(self.hparams.feature_stats_utterances)
             self.encoder.set_feature_stats(mean, std)
+            if self.hparams.lm is not None and hasattr(self.vocab, "symbols"):
+                self.ctc_lm = build_ctc_lm(texts, **self.hparams.lm)
+            elif self.hparams.lm is not None:
+                log.warning("no LM decoding: it needs stage.module.vocab=char (set stage.module.lm=null to silence)")
         log.info("CTC vocabulary: %s, %d symbols; encoder %.2f M parameters",
                  self.hparams.vocab, self.vocab.size, sum(p.numel() for p in self.encoder.parameters()) / 1e6)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["efin_vocab"] = self.vocab.state()
+        checkpoint["efin_ctc_lm"] = self.ctc_lm
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.vocab = vocab_from_state(checkpoint["efin_vocab"])
+        self.ctc_lm = checkpoint.get("efin_ctc_lm")
 
     def configure_optimizers(self):
         h = self.hparams
@@ -79,6 +95,10 @@ class CTCStage(pl.LightningModule):
         log_probs, lens, loss = self._forward(batch)
         hyps = [self.vocab.decode(ids) for ids in ctc_greedy(log_probs, lens)]
         self.transcripts.add(batch["ids"], batch["texts"], hyps)
+        if self.ctc_lm is not None:
+            if self._lm_decoder is None:
+                self._lm_decoder = lm_decoder(self.vocab, self.ctc_lm)
+            self.lm_transcripts.add(batch["ids"], batch["texts"], self._lm_decoder(log_probs, lens))
         self.log(name, loss, batch_size=len(hyps), sync_dist=True)
 
     def validation_step(self, batch, batch_idx):
@@ -89,15 +109,19 @@ class CTCStage(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.transcripts.reset()
+        self.lm_transcripts.reset()
 
     def on_validation_epoch_end(self) -> None:
         log_error_rates(self, self.transcripts, "val", "dev")
+        log_error_rates(self, self.lm_transcripts, "val", "dev_lm")
 
     def on_test_epoch_start(self) -> None:
         self.transcripts.reset()
+        self.lm_transcripts.reset()
 
     def on_test_epoch_end(self) -> None:
         log_error_rates(self, self.transcripts, "test", "test")
+        log_error_rates(self, self.lm_transcripts, "test", "test_lm")
 
     # ---- handoff ------------------------------------------------------------------------
     def artifact_payload(self) -> dict:
@@ -106,4 +130,6 @@ class CTCStage(pl.LightningModule):
             "encoder": {"config": self.encoder.config, "state_dict": self.encoder.state_dict()},
             "ctc_head": {"vocab": self.vocab.state(), "state_dict": self.model.head.state_dict()},
             "features": dict(self.trainer.datamodule.featurizer.config),
+            **({"ctc_lm": self.ctc_lm} if self.ctc_lm is not None else {}),
         }
+

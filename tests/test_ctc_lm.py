@@ -1,0 +1,99 @@
+"""Word n-gram LM (Kneser-Ney, ARPA) and CTC lexicon beam search."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+
+from efin.decoding.ctc import CTCLexiconBeamSearch, build_ctc_lm, ctc_greedy, lm_decoder
+from efin.decoding.ngram import kneser_ney_arpa
+from efin.tokenizer import CharVocab
+
+SENTENCES = ["the cat sat on the mat", "the dog sat on the log", "a cat saw the dog", "the cat ran"]
+
+
+def _read_arpa(text: str) -> tuple[dict, dict]:
+    """ARPA text -> ({ngram: log10 p}, {ngram: log10 backoff})."""
+    probs, backoffs = {}, {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and not line.startswith("ngram"):
+            gram = tuple(parts[1].split())
+            probs[gram] = float(parts[0])
+            if len(parts) == 3:
+                backoffs[gram] = float(parts[2])
+    return probs, backoffs
+
+
+def _prob(probs: dict, backoffs: dict, gram: tuple) -> float:
+    """P(gram[-1] | gram[:-1]) with ARPA backoff."""
+    if gram in probs:
+        return 10 ** probs[gram]
+    return 10 ** backoffs.get(gram[:-1], 0.0) * _prob(probs, backoffs, gram[1:])
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_kneser_ney_distributions_sum_to_one(order):
+    probs, backoffs = _read_arpa(kneser_ney_arpa(SENTENCES, order))
+    vocab = sorted({g[0] for g in probs if len(g) == 1} - {"<s>"})
+    assert "<unk>" in vocab and "</s>" in vocab
+    histories = {g[:-1] for g in probs if len(g) > 1} | {()}
+    for h in histories:
+        total = sum(_prob(probs, backoffs, (*h, w)) for w in vocab)
+        assert total == pytest.approx(1.0, abs=1e-4), h
+
+
+def test_kneser_ney_prefers_seen_continuations():
+    probs, backoffs = _read_arpa(kneser_ney_arpa(SENTENCES, 3))
+    assert _prob(probs, backoffs, ("sat", "on", "the")) > _prob(probs, backoffs, ("sat", "on", "cat"))
+    assert math.isclose(probs[("<s>",)], -99.0)
+
+
+def test_kneser_ney_rejects_bad_input():
+    with pytest.raises(ValueError, match="order"):
+        kneser_ney_arpa(SENTENCES, 0)
+    with pytest.raises(ValueError, match="no words"):
+        kneser_ney_arpa(["", "  "], 2)
+
+
+def _log_probs(text: str, vocab: CharVocab, confusions: dict[int, str] | None = None) -> torch.Tensor:
+    """(T, V) CTC log-probs spelling ``text`` (a blank after every char); at char positions in
+    ``confusions`` the named wrong char gets 0.6 and the right one 0.4."""
+    rows = []
+    for i, ch in enumerate(text):
+        p = torch.full((vocab.size,), 1e-4)
+        if confusions and i in confusions:
+            p[vocab.index[confusions[i]]], p[vocab.index[ch]] = 0.6, 0.4
+        else:
+            p[vocab.index[ch]] = 1.0
+        blank = torch.full((vocab.size,), 1e-4)
+        blank[0] = 1.0
+        rows += [p / p.sum(), blank / blank.sum()]
+    return torch.stack(rows).log()
+
+
+def test_lexicon_beam_search_fixes_a_misspelling_greedy_keeps():
+    vocab = CharVocab()
+    lp = _log_probs("the cat sat", vocab, confusions={5: "o"})[None]  # greedy: "the cot sat"
+    lens = torch.tensor([lp.shape[1]])
+    assert vocab.decode(ctc_greedy(lp, lens)[0]) == "the cot sat"
+    lm = build_ctc_lm(SENTENCES, order=2)
+    assert lm_decoder(vocab, lm)(lp, lens) == ["the cat sat"]
+    assert lm_decoder(vocab, lm, beam_size=1, lm_weight=0.0)(lp, lens) != ["the cot sat"]  # "cot" is not a word
+
+
+def test_lexicon_beam_search_is_batched():
+    vocab = CharVocab()
+    a, b = _log_probs("the dog ran", vocab), _log_probs("a cat", vocab)
+    batch = torch.full((2, a.shape[0], vocab.size), -30.0)
+    batch[0], batch[1, : b.shape[0]] = a, b
+    decoder = lm_decoder(vocab, build_ctc_lm(SENTENCES, order=2))
+    assert decoder(batch, torch.tensor([a.shape[0], b.shape[0]])) == ["the dog ran", "a cat"]
+
+
+def test_lexicon_beam_search_needs_a_space_symbol():
+    with pytest.raises(ValueError, match="space symbol"):
+        CTCLexiconBeamSearch(["<blank>", "a", "b"], ["ab"])
