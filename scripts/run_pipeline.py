@@ -9,7 +9,8 @@
 Each step is an ordinary ``python -m efin.train stage=...`` run (its own process, run dir and
 artifact under outputs/<name>/), so a failed step can be re-run alone with the printed command;
 ``--skip-encoder`` reuses an existing encoder artifact. Afterwards ``python -m efin.evaluate``
-decodes the test manifest with each artifact (encoder, projector_<llm>, llm_<llm>) into
+decodes the test manifest with each artifact (encoder with its word LM and greedy,
+projector_<llm>, llm_<llm>) into
 outputs/<name>/eval/<run>/ and the WER/CER table is printed and written to
 outputs/<name>/pipeline_results.json.
 """
@@ -61,6 +62,12 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
             "metrics": f"{exp_dir}/eval/{run}/test.metrics.json",
             "exp_dir": exp_dir,
         })
+        if run == "encoder":  # the CTC baseline twice: with its word LM (default) and greedy
+            greedy = dict(steps[-1], run="encoder_greedy", train=None,
+                          metrics=f"{exp_dir}/eval/encoder_greedy/test.metrics.json")
+            greedy["eval"] = [a.replace("/eval/encoder", "/eval/encoder_greedy") for a in steps[-1]["eval"]]
+            greedy["eval"].append("decode.lm=false")
+            steps.append(greedy)
     return steps
 
 

