@@ -42,7 +42,7 @@ def compose(overrides: list[str]):
 
 
 def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict]:
-    """Ordered steps: {run, train (argv) or None, artifact, manifest, eval (argv)}."""
+    """Ordered steps: {run, train (argv) or None, artifact, evals: {test set: argv}, metrics: {test set: path}}."""
     stages = [] if skip_encoder else [["stage=encoder"]]
     stages += [[f"stage={stage}", f"llm={llm}"] for llm in llms for stage in ("projector", "llm")]
     evaluated = [["stage=encoder"]] + stages[0 if skip_encoder else 1 :]
@@ -53,21 +53,22 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
         run = cfg.stage.run_name
         exp_dir, artifact = cfg.paths.exp_dir, f"{cfg.paths.stage_dir}/artifact"
         passthrough = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("name",) or o.lstrip("+~").startswith("paths.")]
-        steps.append({
-            "run": run,
-            "train": python + ["efin.train", *stage, *overrides] if stage in stages else None,
-            "artifact": artifact,
-            "eval": python + ["efin.evaluate", f"artifact={artifact}", f"manifest={cfg.data.test}", "split=test",
-                              f"hydra.run.dir={exp_dir}/eval/{run}", *passthrough],
-            "metrics": f"{exp_dir}/eval/{run}/test.metrics.json",
-            "exp_dir": exp_dir,
-        })
-        if run == "encoder":  # the CTC baseline twice: with its word LM (default) and greedy
-            greedy = dict(steps[-1], run="encoder_greedy", train=None,
-                          metrics=f"{exp_dir}/eval/encoder_greedy/test.metrics.json")
-            greedy["eval"] = [a.replace("/eval/encoder", "/eval/encoder_greedy") for a in steps[-1]["eval"]]
-            greedy["eval"].append("decode.lm=false")
-            steps.append(greedy)
+        test_sets = dict(cfg.data.test) if hasattr(cfg.data.test, "items") else {"test": cfg.data.test}
+        # The CTC baseline twice: with its word LM (the artifact's default) and greedy.
+        variants = {run: []} if run != "encoder" else {"encoder": [], "encoder_greedy": ["decode.lm=false"]}
+        for label, extra in variants.items():
+            steps.append({
+                "run": label,
+                "train": python + ["efin.train", *stage, *overrides] if stage in stages and not extra else None,
+                "artifact": artifact,
+                "evals": {
+                    name: python + ["efin.evaluate", f"artifact={artifact}", f"manifest={manifest}", f"split={name}",
+                                    f"hydra.run.dir={exp_dir}/eval/{label}", *passthrough, *extra]
+                    for name, manifest in test_sets.items()
+                },
+                "metrics": {name: f"{exp_dir}/eval/{label}/{name}.metrics.json" for name in test_sets},
+                "exp_dir": exp_dir,
+            })
     return steps
 
 
@@ -95,13 +96,15 @@ def main() -> None:
         if step["train"]:
             print("+ " + shlex.join(step["train"])) if args.dry_run else run(step["train"])
     for step in steps:
-        print("+ " + shlex.join(step["eval"])) if args.dry_run else run(step["eval"])
+        for argv in step["evals"].values():
+            print("+ " + shlex.join(argv)) if args.dry_run else run(argv)
     if args.dry_run:
         return
-    rows = {s["run"]: json.loads(Path(s["metrics"]).read_text()) for s in steps}
-    print(f"\n{'artifact':<28}{'WER %':>8}{'CER %':>8}{'RTF':>8}")
-    for name, m in rows.items():
-        print(f"{name:<28}{100 * m['wer']:>8.2f}{100 * m['cer']:>8.2f}{m['real_time_factor']:>8.3f}")
+    rows = {s["run"]: {name: json.loads(Path(p).read_text()) for name, p in s["metrics"].items()} for s in steps}
+    print(f"\n{'artifact':<28}{'test set':<14}{'WER %':>8}{'CER %':>8}{'RTF':>8}")
+    for run_name, sets in rows.items():
+        for name, m in sets.items():
+            print(f"{run_name:<28}{name:<14}{100 * m['wer']:>8.2f}{100 * m['cer']:>8.2f}{m['real_time_factor']:>8.3f}")
     out = Path(steps[0]["exp_dir"]) / "pipeline_results.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"-> {out}")

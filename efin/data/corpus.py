@@ -8,13 +8,17 @@ the same sentences, voices and audio samples, on any machine with the same libra
 
 Layout under ``root``::
 
-    audio/{train,dev,test}/<id>.flac   16 kHz mono PCM_16 FLAC
-    train.jsonl dev.jsonl test.jsonl   manifests (efin.data.manifest), audio paths relative
+    audio/<split>/<id>.flac            16 kHz mono PCM_16 FLAC
+    <split>.jsonl                      manifests (efin.data.manifest), audio paths relative
     corpus.json                        parameters + statistics, written last (the done-marker)
 
-The three splits have disjoint sentences. The test split is spoken only by held-out voices
-(by default a whole accent, Scottish English), so test WER measures generalisation to an
-unseen speaker population; dev uses the training voices with unseen sentences.
+The four splits have disjoint sentences:
+
+* ``train``, ``dev``: the training voices (7 accents x 26 variants); dev has unseen sentences.
+* ``test_voices``: unseen voices of the training accents (held-out variants, the usual
+  "unseen speakers" test, like LibriSpeech's test sets).
+* ``test``: an unseen accent (by default the whole of Scottish English), a harder test of
+  generalisation to a new speaker population.
 
 Run as ``python -m efin.data.corpus --root data/synthetic`` to generate ahead of training.
 """
@@ -47,7 +51,7 @@ from efin.text import normalize
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "dev", "test")
+SPLITS = ("train", "dev", "test", "test_voices")
 # Bump when the generation algorithm changes in a way that changes the output, so existing
 # corpora with otherwise equal parameters are regenerated instead of silently reused.
 FORMAT_VERSION = 1
@@ -76,6 +80,9 @@ DEFAULT_VARIANTS = (
 # Held out of train and dev, used only for test. An entry without "+" is a whole accent (all
 # variants); "accent+variant" holds out one voice.
 DEFAULT_TEST_VOICES = ("en-gb-scotland",)
+# Variants never used in train/dev; the test_voices split combines them with the training accents.
+# Four male, four female-sounding; none adds breath noise.
+DEFAULT_TEST_VARIANTS = ("m8", "robert", "Lee", "Michael", "anika", "Andrea", "shelby", "Alex")
 
 # Utterances per fresh eSpeak instance (see _ESpeak): part of what determines the samples, so
 # changing it changes the audio (bump FORMAT_VERSION); the number of workers does not.
@@ -566,6 +573,7 @@ def ensure_synthetic_corpus(
     num_train: int = 6000,
     num_dev: int = 300,
     num_test: int = 300,
+    num_test_voices: int = 300,
     seed: int = 1234,
     sample_rate: int = 16000,
     min_words: int = 4,
@@ -575,6 +583,7 @@ def ensure_synthetic_corpus(
     accents: Sequence[str] = DEFAULT_ACCENTS,
     variants: Sequence[str] = DEFAULT_VARIANTS,
     test_voices: Sequence[str] = DEFAULT_TEST_VOICES,
+    test_variants: Sequence[str] = DEFAULT_TEST_VARIANTS,
     rate_range: Sequence[int] = (130, 200),
     pitch_range: Sequence[int] = (30, 70),
     gain_db_range: Sequence[float] = (-6.0, -1.0),
@@ -585,7 +594,8 @@ def ensure_synthetic_corpus(
 
     Args:
         root: corpus directory (created).
-        num_train, num_dev, num_test: utterances per split (sentences are disjoint across splits).
+        num_train, num_dev, num_test, num_test_voices: utterances per split (sentences are
+            disjoint across splits).
         seed: drives sentences, voices and prosody.
         sample_rate: Hz of the written FLAC files (eSpeak speaks at 22,050 Hz; we resample).
         min_words, max_words: sentence length range in words; max_word_chars: longest word.
@@ -593,7 +603,9 @@ def ensure_synthetic_corpus(
             word). Rare words are mostly names and one-off spellings that hours of audio cannot
             teach; 5,000 keeps thousands of distinct words while test words are mostly seen in train.
         accents, variants: eSpeak language voices x voice variants; every pair is a voice.
-        test_voices: held out for test only; "accent" (all its variants) or "accent+variant".
+        test_voices: held out for the test split only; "accent" (all its variants) or "accent+variant".
+        test_variants: variants (not in ``variants``) that speak the test_voices split with the
+            training accents.
         rate_range: speaking rate in words/min, drawn per utterance (inclusive).
         pitch_range: eSpeak base pitch 0-100 (50 = voice default), drawn per utterance.
         gain_db_range: peak level of each utterance in dBFS, drawn per utterance.
@@ -601,7 +613,7 @@ def ensure_synthetic_corpus(
         num_workers: processes for rendering; the output does not depend on it.
 
     Returns:
-        {"train": root/train.jsonl, "dev": root/dev.jsonl, "test": root/test.jsonl}
+        {split: root/<split>.jsonl} for train, dev, test, test_voices.
     """
     root = Path(root).expanduser().absolute()
     params = {
@@ -609,6 +621,7 @@ def ensure_synthetic_corpus(
         "num_train": int(num_train),
         "num_dev": int(num_dev),
         "num_test": int(num_test),
+        "num_test_voices": int(num_test_voices),
         "seed": int(seed),
         "sample_rate": int(sample_rate),
         "min_words": int(min_words),
@@ -618,13 +631,16 @@ def ensure_synthetic_corpus(
         "accents": _as_list(accents),
         "variants": _as_list(variants),
         "test_voices": _as_list(test_voices),
+        "test_variants": _as_list(test_variants),
         "rate_range": [int(v) for v in rate_range],
         "pitch_range": [int(v) for v in pitch_range],
         "gain_db_range": [float(v) for v in gain_db_range],
         "pad_s_range": [float(v) for v in pad_s_range],
     }
-    if min(params["num_train"], params["num_dev"], params["num_test"]) < 1:
-        raise CorpusError("num_train, num_dev and num_test must each be at least 1")
+    if set(params["test_variants"]) & set(params["variants"]):
+        raise CorpusError(f"test_variants {params['test_variants']} must not be among the training variants")
+    if min(params[f"num_{split}"] for split in SPLITS) < 1:
+        raise CorpusError(f"{', '.join(f'num_{split}' for split in SPLITS)} must each be at least 1")
     paths = _paths(root)
     marker = root / "corpus.json"
     if _is_done(marker, params, paths):
@@ -658,16 +674,17 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
         sum(counts.values()), params["seed"], params["min_words"], params["max_words"], params["max_word_chars"],
         params["vocab_size"],
     )
-    # Test first, then dev: growing num_train later keeps the evaluation utterances unchanged.
-    by_split = {
-        "test": sentences[: counts["test"]],
-        "dev": sentences[counts["test"] : counts["test"] + counts["dev"]],
-        "train": sentences[counts["test"] + counts["dev"] :],
-    }
+    # Test first, then dev, train and test_voices (added last, so the first three splits stayed
+    # byte-identical when it was introduced): growing num_train moves only test_voices' sentences.
+    by_split, start = {}, 0
+    for split in ("test", "dev", "train", "test_voices"):
+        by_split[split] = sentences[start : start + counts[split]]
+        start += counts[split]
     train_voices, test_voices, engine_version = _voice_sets(
         params["accents"], params["variants"], params["test_voices"]
     )
-    voices = {"train": train_voices, "dev": train_voices, "test": test_voices}
+    unseen_variants = _voice_sets(params["accents"], params["test_variants"], params["test_voices"])[0]
+    voices = {"train": train_voices, "dev": train_voices, "test": test_voices, "test_voices": unseen_variants}
     jobs = _plan(root, by_split, voices, params["seed"], params)
     for split in SPLITS:
         (root / "audio" / split).mkdir(parents=True, exist_ok=True)
@@ -721,7 +738,7 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
     record = {
         "params": params,
         "stats": stats,
-        "voices": {"train_dev": train_voices, "test_only": test_voices},
+        "voices": {"train_dev": train_voices, "test_only": test_voices, "test_voices_only": unseen_variants},
         "generation_seconds": round(seconds, 1),
         "versions": {
             "espeak_ng": engine_version,
@@ -734,7 +751,7 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
     tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, root / "corpus.json")  # last: its presence means the corpus is complete
     log.info(
-        "synthetic corpus ready in %.0f s: %s h (train %.2f, dev %.2f, test %.2f), %d distinct words",
+        "synthetic corpus ready in %.0f s: %s h (train %.2f, dev %.2f, test %.2f, test_voices %.2f), %d distinct words",
         seconds,
         stats["hours"],
         *(stats["splits"][s]["hours"] for s in SPLITS),
@@ -757,6 +774,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--num-train", type=int, default=6000)
     parser.add_argument("--num-dev", type=int, default=300)
     parser.add_argument("--num-test", type=int, default=300)
+    parser.add_argument("--num-test-voices", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--sample-rate", type=int, default=16000, help="Hz of the written audio")
     parser.add_argument("--min-words", type=int, default=4)
@@ -766,6 +784,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="eSpeak voice variants")
     parser.add_argument("--test-voices", nargs="+", default=list(DEFAULT_TEST_VOICES),
                         help="held out for test: 'accent' or 'accent+variant'")  # fmt: skip
+    parser.add_argument("--test-variants", nargs="+", default=list(DEFAULT_TEST_VARIANTS),
+                        help="unseen variants that speak test_voices with the training accents")  # fmt: skip
     parser.add_argument("--num-workers", type=int, default=1, help="rendering processes (output is identical)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -775,6 +795,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         num_train=args.num_train,
         num_dev=args.num_dev,
         num_test=args.num_test,
+        num_test_voices=args.num_test_voices,
         seed=args.seed,
         sample_rate=args.sample_rate,
         min_words=args.min_words,
@@ -783,12 +804,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         accents=args.accents,
         variants=args.variants,
         test_voices=args.test_voices,
+        test_variants=args.test_variants,
         num_workers=args.num_workers,
     )
     stats = json.loads((Path(args.root) / "corpus.json").read_text())["stats"]
     for split, path in paths.items():
         s = stats["splits"][split]
-        print(f"{split:5s} {path}  {s['utterances']} utts  {s['hours']:.2f} h  {len(s['voices'])} voices")
+        print(f"{split:11s} {path}  {s['utterances']} utts  {s['hours']:.2f} h  {len(s['voices'])} voices")
     print(
         f"distinct words: {stats['distinct_words']}  total: {stats['hours']:.2f} h  ({time.perf_counter() - t0:.1f} s)"
     )

@@ -9,7 +9,8 @@ per rank and the stage must sum its error counts across ranks (``sync_dist`` / a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -26,14 +27,15 @@ from efin.data.sampler import DurationBucketSampler
 
 log = logging.getLogger(__name__)
 
-_STAGE_SPLITS = {"fit": ("train", "dev"), "validate": ("dev",), "test": ("test",), "predict": ("test",)}
 
 
 class SpeechDataModule(L.LightningDataModule):
     """Speech recognition data from JSONL manifests.
 
     Args:
-        train, dev, test: manifest paths (``test`` may be None when only fitting).
+        train, dev: manifest paths.
+        test: a manifest path (the test set named "test"), or ``{name: path}`` for several test
+            sets, each decoded and scored on its own (``test/wer/<name>``); None when only fitting.
         max_batch_seconds: total audio seconds per training batch (per rank); sets memory use.
         num_buckets: duration buckets of the sampler; more pad less, mix less.
         num_workers: DataLoader worker processes per rank (0 loads in the main process).
@@ -59,7 +61,7 @@ class SpeechDataModule(L.LightningDataModule):
         self,
         train: str,
         dev: str,
-        test: str | None = None,
+        test: str | Mapping[str, str] | None = None,
         max_batch_seconds: float = 100.0,
         num_buckets: int = 10,
         num_workers: int = 2,
@@ -78,7 +80,12 @@ class SpeechDataModule(L.LightningDataModule):
         super().__init__()
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
-        self.paths = {"train": train, "dev": dev, "test": test}
+        tests = {} if test is None else {"test": test} if isinstance(test, (str, os.PathLike)) else dict(test)
+        if {"train", "dev"} & set(tests):
+            raise ValueError(f"test set names must differ from 'train' and 'dev', got {sorted(tests)}")
+        #: Names of the test sets, in the order of :meth:`test_dataloader`'s loaders.
+        self.test_names: list[str] = list(tests)
+        self.paths = {"train": train, "dev": dev, **tests}
         self.max_batch_seconds = float(max_batch_seconds)
         self.val_max_batch_seconds = float(val_max_batch_seconds or max_batch_seconds)
         self.num_buckets = int(num_buckets)
@@ -104,14 +111,16 @@ class SpeechDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load and validate the manifests this stage needs (each once; repeated calls are free)."""
-        splits = _STAGE_SPLITS.get(stage or "", ("train", "dev", "test"))
+        splits = {"fit": ["train", "dev"], "validate": ["dev"]}.get(stage or "", ["train", "dev"])
+        if stage in (None, "test", "predict"):
+            splits += self.test_names
         for split in splits:
-            if self.paths[split] is not None:
+            if self.paths.get(split) is not None:
                 self._load(split)
 
     def _load(self, split: str) -> list[Utterance]:
         if split not in self._utterances:
-            path = self.paths[split]
+            path = self.paths.get(split)
             if path is None:
                 raise ValueError(f"SpeechDataModule: no {split} manifest configured (data.{split} is null)")
             utts = load_manifest(path, on_invalid=self.on_invalid, check_audio=self.check_audio)
@@ -135,9 +144,9 @@ class SpeechDataModule(L.LightningDataModule):
     def dev_utterances(self) -> list[Utterance]:
         return self._load("dev")
 
-    @property
-    def test_utterances(self) -> list[Utterance]:
-        return self._load("test")
+    def test_utterances(self, name: str = "test") -> list[Utterance]:
+        """Utterances of test set ``name``."""
+        return self._load(name)
 
     @property
     def feature_dim(self) -> int:
@@ -202,5 +211,8 @@ class SpeechDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.dev_utterances)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_utterances)
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test set, in the order of :attr:`test_names`."""
+        if not self.test_names:
+            raise ValueError("SpeechDataModule: no test manifest configured (data.test is null)")
+        return [self._eval_loader(self._load(name)) for name in self.test_names]

@@ -74,6 +74,32 @@ class Transcripts:
         self.records = []
 
 
+class EvalTranscripts:
+    """:class:`Transcripts` per scored dataset of one evaluation loop ("dev", each test set, and
+    e.g. their LM-decoded twins "dev_lm"), logged together at the end of the loop."""
+
+    def __init__(self):
+        self.sets: dict[str, Transcripts] = {}
+
+    def __getitem__(self, dataset: str) -> Transcripts:
+        return self.sets.setdefault(dataset, Transcripts())
+
+    def reset(self) -> None:
+        self.sets = {}
+
+    def log(self, module: LightningModule, split: str) -> None:
+        """:func:`log_error_rates` for every dataset (sorted: every DDP rank gathers in one order)."""
+        for dataset in sorted(self.sets):
+            log_error_rates(module, self.sets[dataset], split, dataset)
+        self.reset()
+
+
+def test_set_name(module: LightningModule, dataloader_idx: int) -> str:
+    """Name of the test set behind ``dataloader_idx`` (the datamodule's ``test_names``)."""
+    names = getattr(module.trainer.datamodule, "test_names", None) or ["test"]
+    return names[dataloader_idx]
+
+
 def score(records: list[dict]) -> tuple[ErrorCounts, list[dict]]:
     """Corpus counts plus the records annotated with per-utterance word/char edits."""
     counts = ErrorCounts()

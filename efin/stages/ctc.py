@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder
 from efin.models.ctc import CTCModel
 from efin.models.encoder import Encoder
-from efin.stages.common import Transcripts, adamw_warmup_cosine, log_error_rates
+from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, test_set_name
 from efin.tokenizer import build_vocab, vocab_from_state
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ class CTCStage(pl.LightningModule):
 
     ``lm`` (``{order, beam_size, lm_weight, word_score}``, or None for none): a word n-gram LM
     trained on the training transcripts, and their words as the lexicon, for a second decoding
-    of dev and test by lexicon beam search next to greedy (``*/wer/dev_lm``, ``*/wer/test_lm``);
+    of dev and each test set by lexicon beam search next to greedy (``val/wer/dev_lm``, ``test/wer/<set>_lm``);
     stored in the artifact. Character vocabularies only.
     """
 
@@ -45,8 +45,7 @@ class CTCStage(pl.LightningModule):
         self.encoder = encoder
         self.model: CTCModel | None = None
         self.vocab = None
-        self.transcripts = Transcripts()
-        self.lm_transcripts = Transcripts()
+        self.transcripts = EvalTranscripts()
         self.ctc_lm: dict | None = None  # {"arpa", "words", "order", "decode"}, see build_ctc_lm
         self._lm_decoder = None
 
@@ -91,37 +90,33 @@ class CTCStage(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["texts"]))
         return loss
 
-    def _eval_step(self, batch, name: str):
+    def _eval_step(self, batch, split: str, dataset: str):
         log_probs, lens, loss = self._forward(batch)
         hyps = [self.vocab.decode(ids) for ids in ctc_greedy(log_probs, lens)]
-        self.transcripts.add(batch["ids"], batch["texts"], hyps)
+        self.transcripts[dataset].add(batch["ids"], batch["texts"], hyps)
         if self.ctc_lm is not None:
             if self._lm_decoder is None:
                 self._lm_decoder = lm_decoder(self.vocab, self.ctc_lm)
-            self.lm_transcripts.add(batch["ids"], batch["texts"], self._lm_decoder(log_probs, lens))
-        self.log(name, loss, batch_size=len(hyps), sync_dist=True)
+            self.transcripts[f"{dataset}_lm"].add(batch["ids"], batch["texts"], self._lm_decoder(log_probs, lens))
+        self.log(f"{split}/loss/{dataset}", loss, batch_size=len(hyps), sync_dist=True, add_dataloader_idx=False)
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val/loss/dev")
+        self._eval_step(batch, "val", "dev")
 
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test/loss/test")
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, "test", test_set_name(self, dataloader_idx))
 
     def on_validation_epoch_start(self) -> None:
         self.transcripts.reset()
-        self.lm_transcripts.reset()
 
     def on_validation_epoch_end(self) -> None:
-        log_error_rates(self, self.transcripts, "val", "dev")
-        log_error_rates(self, self.lm_transcripts, "val", "dev_lm")
+        self.transcripts.log(self, "val")
 
     def on_test_epoch_start(self) -> None:
         self.transcripts.reset()
-        self.lm_transcripts.reset()
 
     def on_test_epoch_end(self) -> None:
-        log_error_rates(self, self.transcripts, "test", "test")
-        log_error_rates(self, self.lm_transcripts, "test", "test_lm")
+        self.transcripts.log(self, "test")
 
     # ---- handoff ------------------------------------------------------------------------
     def artifact_payload(self) -> dict:

@@ -35,7 +35,7 @@ from efin.models.llm_state import (
     load_handoff_state,
 )
 from efin.models.speech_llm import SpeechLLM
-from efin.stages.common import Transcripts, adamw_warmup_cosine, log_error_rates
+from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, test_set_name
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class SpeechLLMStage(pl.LightningModule):
         # Checkpoints hold only the weights this stage changes (not the frozen LLM), so
         # loading is non-strict and on_load_checkpoint checks the expected keys itself.
         self.strict_loading = False
-        self.transcripts = Transcripts()
+        self.transcripts = EvalTranscripts()
         self._generate_left = 0
 
     @property
@@ -282,9 +282,10 @@ class SpeechLLMStage(pl.LightningModule):
         self.log("train/skipped", float(skipped), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         return out.loss
 
-    def _eval_step(self, batch, name: str, limit: int | None, num_beams: int | None) -> None:
+    def _eval_step(self, batch, split: str, dataset: str, limit: int | None, num_beams: int | None) -> None:
         out = self.model(batch["feats"], batch["feat_lens"], batch["texts"])
-        self.log(name, out.loss, batch_size=len(batch["texts"]), sync_dist=True)
+        self.log(f"{split}/loss/{dataset}", out.loss, batch_size=len(batch["texts"]), sync_dist=True,
+                 add_dataloader_idx=False)
         n = len(batch["texts"]) if limit is None else min(limit, len(batch["texts"]))
         if n == 0:
             return
@@ -292,15 +293,16 @@ class SpeechLLMStage(pl.LightningModule):
         with torch.no_grad():
             self.model.llm.eval()
             hyps = self.model.generate(batch["feats"][:n, : int(lens.max())], lens, num_beams=num_beams)
-        self.transcripts.add(batch["ids"][:n], batch["texts"][:n], hyps)
+        self.transcripts[dataset].add(batch["ids"][:n], batch["texts"][:n], hyps)
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val/loss/dev", self._generate_left, num_beams=1)  # greedy
+        self._eval_step(batch, "val", "dev", self._generate_left, num_beams=1)  # greedy
         if self._generate_left is not None:
             self._generate_left = max(self._generate_left - len(batch["texts"]), 0)
 
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test/loss/test", None, num_beams=None)  # llm.generation defaults
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        dataset = test_set_name(self, dataloader_idx)
+        self._eval_step(batch, "test", dataset, None, num_beams=None)  # llm.generation defaults
 
     def on_validation_epoch_start(self) -> None:
         self.transcripts.reset()
@@ -309,13 +311,13 @@ class SpeechLLMStage(pl.LightningModule):
         self._generate_left = None if limit is None else math.ceil(limit / self.trainer.world_size)
 
     def on_validation_epoch_end(self) -> None:
-        log_error_rates(self, self.transcripts, "val", "dev")
+        self.transcripts.log(self, "val")
 
     def on_test_epoch_start(self) -> None:
         self.transcripts.reset()
 
     def on_test_epoch_end(self) -> None:
-        log_error_rates(self, self.transcripts, "test", "test")
+        self.transcripts.log(self, "test")
 
     # ---- handoff ------------------------------------------------------------------------
     def llm_spec(self) -> dict:
