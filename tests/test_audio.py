@@ -123,3 +123,16 @@ def test_feature_augment_masks_with_mean():
     out = FeatureAugment(freq_masks=0, time_masks=1, time_mask_width=100, time_mask_max_ratio=0.2)(short)
     masked_frames = (out != short).all(dim=1).sum().item()
     assert masked_frames <= 4
+
+
+def test_frequency_warp_moves_spectral_peaks_by_the_factor():
+    feats = torch.zeros(4, 80)
+    feats[:, 40] = 1.0  # a "formant" at bin 40
+    augment = FeatureAugment(freq_masks=0, time_masks=0, warp_range=(0.9, 1.1))
+    assert torch.equal(augment.warp(feats, 1.0), feats)
+    assert int(augment.warp(feats, 1.1).argmax(1)[0]) == 44  # shorter vocal tract: formants move up
+    assert int(augment.warp(feats, 0.9).argmax(1)[0]) == 36
+    out = augment(torch.randn(30, 80))
+    assert out.shape == (30, 80) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="warp_range"):
+        FeatureAugment(warp_range=(1.1, 0.9))

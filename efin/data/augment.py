@@ -100,9 +100,12 @@ class WaveAugment:
 
 
 class FeatureAugment:
-    """SpecAugment (Park et al. 2019) on log-mel features: frequency and time masks.
+    """SpecAugment (Park et al. 2019) on log-mel features: frequency and time masks, and an
+    optional frequency warp (VTLP-style, Jaitly & Hinton 2013) that imitates other vocal tracts.
 
     Args:
+        warp_range: ``(low, high)``: each utterance's mel axis is stretched by a factor drawn
+            uniformly from it (>1 moves formants up, as a shorter vocal tract does); None = off.
         freq_masks: number of frequency masks.
         freq_mask_width: maximum width of each frequency mask, in mel bins.
         time_masks: number of time masks.
@@ -121,7 +124,11 @@ class FeatureAugment:
         time_masks: int = 2,
         time_mask_width: int = 40,
         time_mask_max_ratio: float = 0.2,
+        warp_range: tuple[float, float] | None = None,
     ):
+        if warp_range is not None and not 0 < float(warp_range[0]) <= float(warp_range[1]):
+            raise ValueError(f"warp_range must be (low, high) with 0 < low <= high, got {warp_range}")
+        self.warp_range = None if warp_range is None else (float(warp_range[0]), float(warp_range[1]))
         self.freq_masks = int(freq_masks)
         self.time_masks = int(time_masks)
         # Separate transforms rather than transforms.SpecAugment: its `p` caps the frequency
@@ -132,7 +139,20 @@ class FeatureAugment:
         self.time_mask_width = int(time_mask_width)
         self.time_mask_max_ratio = float(time_mask_max_ratio)
 
+    def warp(self, feats: torch.Tensor, factor: float) -> torch.Tensor:
+        """(T, F) -> (T, F): output bin i reads input position i / factor (linear interpolation,
+        clamped at the top bin)."""
+        bins = feats.shape[1]
+        pos = (torch.arange(bins, dtype=torch.float32) / factor).clamp(max=bins - 1)
+        low = pos.floor().long()
+        high = (low + 1).clamp(max=bins - 1)
+        frac = (pos - low).to(feats.dtype)
+        return feats[:, low] * (1 - frac) + feats[:, high] * frac
+
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.warp_range is not None:
+            low, high = self.warp_range
+            feats = self.warp(feats, low + (high - low) * float(torch.rand(())))
         spec = feats.transpose(0, 1)  # torchaudio masks (..., freq, time)
         fill = float(spec.mean())
         for _ in range(self.freq_masks):
@@ -145,5 +165,5 @@ class FeatureAugment:
         return (
             f"FeatureAugment(freq_masks={self.freq_masks}, freq_mask_width={self.freq_mask_width}, "
             f"time_masks={self.time_masks}, time_mask_width={self.time_mask_width}, "
-            f"time_mask_max_ratio={self.time_mask_max_ratio})"
+            f"time_mask_max_ratio={self.time_mask_max_ratio}, warp_range={self.warp_range})"
         )
