@@ -284,7 +284,9 @@ def test_smollm2_lora_config_instantiates():
 
     cfg = OmegaConf.load(CONF / "llm" / "smollm2.yaml")
     lora = instantiate(cfg.model.lora)
-    assert isinstance(lora, LoraConfig) and set(lora.target_modules) == {"q_proj", "v_proj"}
+    assert isinstance(lora, LoraConfig) and set(lora.target_modules) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert lora.r == 16
     assert cfg.model.name_or_path == llm_mod.DEFAULT_LLM
     # the cache follows conf/paths (EFIN_CACHE_DIR), never a machine-specific literal
     assert OmegaConf.to_container(cfg, resolve=False)["model"]["cache_dir"] == "${paths.cache_dir}/llm"
