@@ -185,7 +185,7 @@ def loader_steps(loaders: dict[str, DataLoader], step, steps: int, chunk: int) -
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", default=str(REPO / "data/synthetic/train.jsonl"))
-    p.add_argument("--max-seconds", type=float, default=64.0, help="bucketed batch bound (s)")
+    p.add_argument("--max-seconds", type=float, default=32.0, help="bucketed batch bound (s)")
     p.add_argument("--num-buckets", type=int, default=10)
     p.add_argument("--compute-batches", type=int, default=8, help="batches per plan for the compute timing")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing passes (median per batch)")
