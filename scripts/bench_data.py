@@ -76,7 +76,7 @@ def build_model(args) -> torch.nn.Module:
     except ImportError:
         enc = None
     kwargs = dict(input_dim=80, d_model=args.d_model, num_layers=args.num_layers, num_heads=4,
-                  ffn_dim=4 * args.d_model, conv_kernel=15, dropout=0.1)
+                  ffn_dim=4 * args.d_model, conv_kernel=15, dropout=0.0)
     if enc is not None and hasattr(enc, "build_encoder"):
         return enc.build_encoder(**kwargs)
     if enc is not None and hasattr(enc, "Encoder"):
