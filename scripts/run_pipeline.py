@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
+sys.path.insert(0, str(REPO))  # efin importable from this checkout even when it is not pip-installed
+
+from efin.data.datamodule import named_test_sets  # noqa: E402
 
 
 def compose(overrides: list[str]):
@@ -53,7 +56,7 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
         run = cfg.stage.run_name
         exp_dir, artifact = cfg.paths.exp_dir, f"{cfg.paths.stage_dir}/artifact"
         passthrough = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("name",) or o.lstrip("+~").startswith("paths.")]
-        test_sets = dict(cfg.data.test) if hasattr(cfg.data.test, "items") else {"test": cfg.data.test}
+        test_sets = named_test_sets(cfg.data.test)
         # The CTC baseline twice: with its word LM (the artifact's default) and greedy.
         variants = {run: []} if run != "encoder" else {"encoder": [], "encoder_greedy": ["decode.lm=false"]}
         for label, extra in variants.items():

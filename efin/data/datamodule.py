@@ -28,6 +28,12 @@ from efin.data.sampler import DurationBucketSampler
 log = logging.getLogger(__name__)
 
 
+def named_test_sets(test: str | os.PathLike | Mapping[str, str] | None) -> dict[str, str]:
+    """``data.test`` as ``{name: manifest}``: a single path is the test set named "test"."""
+    if test is None:
+        return {}
+    return {"test": test} if isinstance(test, (str, os.PathLike)) else dict(test)
+
 
 class SpeechDataModule(L.LightningDataModule):
     """Speech recognition data from JSONL manifests.
@@ -80,7 +86,7 @@ class SpeechDataModule(L.LightningDataModule):
         super().__init__()
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
-        tests = {} if test is None else {"test": test} if isinstance(test, (str, os.PathLike)) else dict(test)
+        tests = named_test_sets(test)
         if {"train", "dev"} & set(tests):
             raise ValueError(f"test set names must differ from 'train' and 'dev', got {sorted(tests)}")
         #: Names of the test sets, in the order of :meth:`test_dataloader`'s loaders.
@@ -143,10 +149,6 @@ class SpeechDataModule(L.LightningDataModule):
     @property
     def dev_utterances(self) -> list[Utterance]:
         return self._load("dev")
-
-    def test_utterances(self, name: str = "test") -> list[Utterance]:
-        """Utterances of test set ``name``."""
-        return self._load(name)
 
     @property
     def feature_dim(self) -> int:

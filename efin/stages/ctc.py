@@ -74,6 +74,7 @@ class CTCStage(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.vocab = vocab_from_state(checkpoint["efin_vocab"])
         self.ctc_lm = checkpoint.get("efin_ctc_lm")
+        self._lm_decoder = None  # rebuilt from the restored LM on first use
 
     def configure_optimizers(self):
         h = self.hparams
