@@ -240,5 +240,6 @@ def test_projector_width_mismatch_error(chain):
     cfg = compose_config(TINY + ["stage=llm", "llm=tiny"], root, data_dir)
     module = instantiate(cfg.stage.module)
     module.init_from_artifact(artifact)
+    llm, tokenizer = instantiate(cfg.llm.model)
     with pytest.raises(ArtifactError, match="width mismatch.*output_dim: artifact 32 vs this run 64"):
-        module._build_projector(64)
+        module._build_projector(llm, tokenizer, texts=None)

@@ -20,12 +20,15 @@ from efin.decoding.llm_search import Hypothesis, beam_search, greedy_search
 @dataclass
 class SpeechLLMOutput:
     """loss: scalar, mean cross-entropy (nats) per label token (0, still differentiable, when
-    there are none); num_tokens: label tokens in the loss; keep: (B,) bool, False for items whose
-    transcript exceeded the prompt's ``max_text_tokens`` (not trained on)."""
+    there are none or the LLM was skipped); num_tokens: label tokens in the loss; keep: (B,)
+    bool, False for items whose transcript exceeded the prompt's ``max_text_tokens`` (not trained
+    on); ctc_loss: the projector's CTC loss over the LLM's tokens (nats per token), None for
+    projectors without one."""
 
     loss: torch.Tensor
     num_tokens: int
     keep: torch.Tensor
+    ctc_loss: torch.Tensor | None = None
 
 
 class SpeechLLM(nn.Module):
@@ -81,23 +84,49 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------
 
+    @property
+    def has_ctc(self) -> bool:
+        """Whether the projector classifies audio into the LLM's tokens (:class:`TokenCTCProjector`)."""
+        return hasattr(self.projector, "token_logits")
+
     def embed_speech(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, F), feat_lens (B,) -> speech embeddings (B, N, H) in the LLM's dtype, lens (B,)."""
         hidden, lens = self.encoder(feats, feat_lens)
         speech, lens = self.projector(hidden, lens)
         return speech.to(self.llm.get_input_embeddings().weight.dtype), lens
 
-    def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor, texts: list[str]) -> SpeechLLMOutput:
-        """Mean next-token cross-entropy on the (normalised) transcripts and end tokens.
+    def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor, texts: list[str], lm: bool = True) -> SpeechLLMOutput:
+        """Mean next-token cross-entropy on the (normalised) transcripts and end tokens, and the
+        projector's CTC loss on the transcript tokens when it has one.
 
+        ``lm`` False skips the LLM (loss 0): a CTC projector then aligns without LLM compute.
         Over-long transcripts still run (cut, labels masked) so every DDP rank does the same
         work; ``keep`` reports them.
         """
         targets, keep = self.prompt.encode_transcripts(texts)
-        speech, lens = self.embed_speech(feats, feat_lens)
+        hidden, lens = self.encoder(feats, feat_lens)
+        ctc = None
+        if self.has_ctc:
+            logits, logit_lens = self.projector.token_logits(hidden, lens)
+            ctc = self.projector.ctc_loss(logits, logit_lens, [t[:-1] for t in targets])  # no end token
+            if not lm:
+                return SpeechLLMOutput(ctc.new_zeros(()), 0, keep, ctc)
+            speech, lens = self.projector.embed(logits, logit_lens)
+        elif not lm:
+            raise ValueError("lm=False leaves nothing to train: this projector has no CTC loss")
+        else:
+            speech, lens = self.projector(hidden, lens)
+        speech = speech.to(self.llm.get_input_embeddings().weight.dtype)
         inputs = self.prompt.training_inputs(self.llm.get_input_embeddings(), speech, lens, targets, keep)
         loss, n = self.lm_loss(inputs)
-        return SpeechLLMOutput(loss, n, keep)
+        return SpeechLLMOutput(loss, n, keep, ctc)
+
+    @torch.no_grad()
+    def ctc_transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
+        """The CTC projector's own greedy transcripts (no LLM): what the LLM is handed, as text."""
+        hidden, lens = self.encoder(feats, feat_lens)
+        tokens = self.projector.greedy_tokens(*self.projector.token_logits(hidden, lens))
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
     def lm_loss(self, inputs: LLMInputs) -> tuple[torch.Tensor, int]:
         """Cross-entropy over label positions only: the output head, the costly part for a big

@@ -5,7 +5,11 @@ One module serves both stages; the stage's config decides what trains:
   * ``adapter``: how the LLM trains here (stage=projector passes ``frozen``; stage=llm passes
     ``${llm.adapter}``: ``lora`` by default, ``frozen``, or ``full`` for drafts);
   * ``train_encoder``: the pretrained encoder is frozen unless true (then at ``encoder_lr``);
-  * the projector always trains (at ``lr``).
+  * the projector always trains (at ``lr``);
+  * the loss: ``lm_weight`` x the LLM's cross-entropy + ``ctc_weight`` x the CTC loss of a
+    :class:`~efin.models.projector.TokenCTCProjector` over the LLM's tokens. stage=projector
+    defaults to CTC only (``lm_weight`` 0: the LLM is not run while training, the projector
+    aligns onto its frozen token embeddings); stage=llm uses both.
 
 The LLM, the projector (its width follows the LLM) and a draft's vocabulary (ranked on the
 training transcripts) are built in :meth:`setup`, once the datamodule has loaded its manifests.
@@ -24,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from efin.artifacts import ArtifactError
 from efin.models.encoder import Encoder
-from efin.models.llm import SubsetHeadLM
+from efin.models.llm import SubsetHeadLM, draft_vocab
 from efin.models.llm_state import (
     LLMStateError,
     TRANSITIONS,
@@ -63,6 +67,9 @@ class SpeechLLMStage(pl.LightningModule):
         weight_decay, warmup_steps, min_lr_ratio: see :func:`efin.stages.common.adamw_warmup_cosine`.
         val_generate_max_utterances: dev utterances transcribed by greedy generation at each
             validation (val/wer/dev, val/cer/dev); None = all. The loss uses the whole dev set.
+        lm_weight: weight of the LLM's cross-entropy in the training loss (0: the LLM is skipped
+            in training steps; needs a CTC projector).
+        ctc_weight: weight of the CTC projector's loss (needs a CTC projector when > 0).
     """
 
     def __init__(
@@ -78,6 +85,8 @@ class SpeechLLMStage(pl.LightningModule):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
         val_generate_max_utterances: int | None = 100,
+        lm_weight: float = 1.0,
+        ctc_weight: float = 0.0,
     ):
         super().__init__()
         encoder, projector, llm = _plain(encoder), _plain(projector), _plain(llm)
@@ -86,6 +95,7 @@ class SpeechLLMStage(pl.LightningModule):
             "train_encoder": train_encoder, "lr": lr, "encoder_lr": encoder_lr, "weight_decay": weight_decay,
             "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
             "val_generate_max_utterances": val_generate_max_utterances,
+            "lm_weight": lm_weight, "ctc_weight": ctc_weight,
         })
         if val_generate_max_utterances is not None and val_generate_max_utterances < 1:
             raise ValueError("val_generate_max_utterances must be >= 1 (val/wer/dev picks the best checkpoint) or null")
@@ -163,9 +173,9 @@ class SpeechLLMStage(pl.LightningModule):
         elif features != self.features:
             raise ArtifactError(f"the data's features {features} differ from the artifact's {self.features}")
 
-        llm, tokenizer = self._build_llm(dm, stage)
-        hidden = llm.get_input_embeddings().weight.shape[1]
-        projector = self._build_projector(hidden)
+        texts = [u.text for u in dm.train_utterances] if stage == "fit" else None  # rank draft/CTC vocabularies
+        llm, tokenizer = self._build_llm(texts)
+        projector = self._build_projector(llm, tokenizer, texts)
         self.encoder.requires_grad_(h.train_encoder)
         prompt = instantiate(h.llm["prompt"], tokenizer=tokenizer)
         self.model = SpeechLLM(
@@ -178,11 +188,10 @@ class SpeechLLMStage(pl.LightningModule):
     def frames_per_second(self) -> float:
         return 1000.0 / self.features["hop_ms"]
 
-    def _build_llm(self, dm, stage: str):
+    def _build_llm(self, texts: list[str] | None):
         h = self.hparams
         model_spec, lora = h.llm["model"], h.llm.get("lora")
         if self.previous is None:
-            texts = [u.text for u in dm.train_utterances] if stage == "fit" else None
             return build_llm_from_spec(model_spec, h.adapter, lora, texts=texts)
         stored = self.previous["llm"]
         previous = stored["adapter"]
@@ -194,9 +203,10 @@ class SpeechLLMStage(pl.LightningModule):
         lora_config = instantiate(lora) if h.adapter == "lora" and previous != "lora" else None
         return change_adapter(llm, previous, h.adapter, lora_config), tokenizer
 
-    def _build_projector(self, hidden: int):
+    def _build_projector(self, llm, tokenizer, texts):
         h = self.hparams
-        config = {**h.projector, "input_dim": self.encoder.output_dim, "output_dim": hidden}
+        embeddings = llm.get_input_embeddings().weight
+        config = {**h.projector, "input_dim": self.encoder.output_dim, "output_dim": embeddings.shape[1]}
         if self.previous is not None:
             stored = self.previous["projector"]["config"]
             diff = _differences(stored, config)
@@ -208,6 +218,15 @@ class SpeechLLMStage(pl.LightningModule):
         projector = instantiate(config)
         if self.previous is not None:
             projector.load_state_dict(self.previous["projector"]["state_dict"], strict=True)
+        elif hasattr(projector, "set_vocabulary"):  # a CTC projector scores the transcripts' tokens
+            vocab_ids = draft_vocab(tokenizer, projector.vocab_ids.numel(), texts)
+            projector.set_vocabulary(vocab_ids, embeddings)
+        has_ctc = hasattr(projector, "token_logits")
+        if not has_ctc and (h.ctc_weight > 0 or h.lm_weight <= 0):
+            raise ValueError(
+                f"stage.module.ctc_weight={h.ctc_weight} / lm_weight={h.lm_weight} need a CTC projector "
+                f"(projector=ctc); with projector={config['_target_'].rsplit('.', 1)[-1]} set ctc_weight=0 and lm_weight=1"
+            )
         self.projector_config = config
         return projector
 
@@ -273,19 +292,40 @@ class SpeechLLMStage(pl.LightningModule):
             raise ArtifactError(f"checkpoint lacks {len(missing)} weights this stage trains, e.g. {missing[:3]}")
 
     # ---- steps --------------------------------------------------------------------------
+    def _loss(self, out) -> torch.Tensor:
+        """The stage's objective: lm_weight x LM loss + ctc_weight x CTC loss."""
+        h = self.hparams
+        loss = h.lm_weight * out.loss
+        if out.ctc_loss is not None and h.ctc_weight > 0:
+            loss = loss + h.ctc_weight * out.ctc_loss
+        return loss
+
+    def _log_losses(self, split: str, dataset: str, out, size: int) -> torch.Tensor:
+        suffix = f"/{dataset}" if dataset else ""
+        loss = self._loss(out)
+        sync = split != "train"
+        self.log(f"{split}/loss{suffix}", loss, prog_bar=not sync, batch_size=size, sync_dist=sync, add_dataloader_idx=False)
+        if out.num_tokens:
+            self.log(f"{split}/lm_loss{suffix}", out.loss, batch_size=size, sync_dist=sync, add_dataloader_idx=False)
+        if out.ctc_loss is not None:
+            self.log(f"{split}/ctc_loss{suffix}", out.ctc_loss, batch_size=size, sync_dist=sync, add_dataloader_idx=False)
+        return loss
+
     def training_step(self, batch, batch_idx):
-        out = self.model(batch["feats"], batch["feat_lens"], batch["texts"])
+        out = self.model(batch["feats"], batch["feat_lens"], batch["texts"], lm=self.hparams.lm_weight > 0)
         size = len(batch["texts"])
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+        loss = self._log_losses("train", "", out, size)
         # Over-long transcripts run with masked labels (same work on every DDP rank); count them.
         skipped = int((~out.keep).sum())
         self.log("train/skipped", float(skipped), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
-        return out.loss
+        return loss
 
     def _eval_step(self, batch, split: str, dataset: str, limit: int | None, num_beams: int | None) -> None:
         out = self.model(batch["feats"], batch["feat_lens"], batch["texts"])
-        self.log(f"{split}/loss/{dataset}", out.loss, batch_size=len(batch["texts"]), sync_dist=True,
-                 add_dataloader_idx=False)
+        self._log_losses(split, dataset, out, len(batch["texts"]))
+        if self.model.has_ctc:  # what the projector alone hears, as text: val/wer/dev_ctc
+            hyps = self.model.ctc_transcribe(batch["feats"], batch["feat_lens"])
+            self.transcripts[f"{dataset}_ctc"].add(batch["ids"], batch["texts"], hyps)
         n = len(batch["texts"]) if limit is None else min(limit, len(batch["texts"]))
         if n == 0:
             return
