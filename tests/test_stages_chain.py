@@ -96,7 +96,8 @@ def test_projector_stage_trains_only_the_projector(chain):
         assert run["grads"] == parts["projector"]
         assert run["changed"] and run["changed"] <= parts["projector"]
         assert run["modes"] == {(False, False, True)}  # frozen encoder and LLM run in eval mode
-        assert run["metrics"]["val/wer/dev"] >= 0 and "test/wer/test" in run["metrics"]
+        # no LLM generation at validation in stage 2 (the frozen LLM cannot read it yet): the projector's own WER
+        assert run["metrics"]["val/wer/dev_ctc"] >= 0 and "test/wer/test" in run["metrics"]
         assert _artifact(chain[0], f"projector_{llm}")["llm"]["adapter"] == "frozen"
 
 
@@ -243,3 +244,17 @@ def test_projector_width_mismatch_error(chain):
     llm, tokenizer = instantiate(cfg.llm.model)
     with pytest.raises(ArtifactError, match="width mismatch.*output_dim: artifact 32 vs this run 64"):
         module._build_projector(llm, tokenizer, texts=None)
+
+
+def test_ctc_loss_weights_need_a_ctc_projector(chain):
+    from hydra.utils import instantiate
+
+    root, data_dir, _ = chain
+    cfg = compose_config(TINY + ["stage=projector", "llm=tiny", "projector=tiny_mlp"], root, data_dir)
+    module = instantiate(cfg.stage.module)
+    llm, tokenizer = instantiate(cfg.llm.model)
+    with pytest.raises(ValueError, match="need a CTC projector.*set ctc_weight=0 and lm_weight=1"):
+        module._build_projector(llm, tokenizer, texts=None)
+    cfg = compose_config(TINY + ["stage=projector", "llm=tiny", "projector=tiny_mlp", "stage.module.lm_weight=1",
+                                 "stage.module.ctc_weight=0"], root, data_dir)
+    instantiate(cfg.stage.module)._build_projector(llm, tokenizer, texts=None)  # the LM-loss recipe builds

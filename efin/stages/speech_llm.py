@@ -66,7 +66,8 @@ class SpeechLLMStage(pl.LightningModule):
         encoder_lr: peak learning rate of the encoder when ``train_encoder``.
         weight_decay, warmup_steps, min_lr_ratio: see :func:`efin.stages.common.adamw_warmup_cosine`.
         val_generate_max_utterances: dev utterances transcribed by greedy generation at each
-            validation (val/wer/dev, val/cer/dev); None = all. The loss uses the whole dev set.
+            validation (val/wer/dev, val/cer/dev); None = all, 0 = none. The losses (and a CTC
+            projector's val/wer/dev_ctc) use the whole dev set.
         lm_weight: weight of the LLM's cross-entropy in the training loss (0: the LLM is skipped
             in training steps; needs a CTC projector).
         ctc_weight: weight of the CTC projector's loss (needs a CTC projector when > 0).
@@ -97,8 +98,8 @@ class SpeechLLMStage(pl.LightningModule):
             "val_generate_max_utterances": val_generate_max_utterances,
             "lm_weight": lm_weight, "ctc_weight": ctc_weight,
         })
-        if val_generate_max_utterances is not None and val_generate_max_utterances < 1:
-            raise ValueError("val_generate_max_utterances must be >= 1 (val/wer/dev picks the best checkpoint) or null")
+        if val_generate_max_utterances is not None and val_generate_max_utterances < 0:
+            raise ValueError("val_generate_max_utterances must be >= 0 (0: no val/wer/dev) or null (all)")
         # Kept out of the module tree until setup() puts it inside the SpeechLLM: registered
         # twice, its weights would be saved twice.
         self.__dict__["_encoder"] = instantiate(encoder)
