@@ -56,3 +56,11 @@ class LinearEncoder(nn.Module):
 
     def forward(self, feats, feat_lens):
         return self.lin(feats[:, ::4]), torch.div(feat_lens + 3, 4, rounding_mode="floor")
+
+
+@pytest.fixture(autouse=True)
+def _grad_enabled():
+    """Every test starts with autograd on: a Lightning run stopped by an error inside
+    ``trainer.fit`` (tests of bad input do that) can leave grad mode off in this process."""
+    with torch.enable_grad():
+        yield

@@ -11,12 +11,6 @@ from efin.models.speech_llm import SpeechLLM
 from tests.conftest import LinearEncoder
 
 
-@pytest.fixture(autouse=True)
-def _grad_enabled():
-    with torch.enable_grad():  # an earlier in-process Lightning run may leave grad mode off
-        yield
-
-
 def _projector(llm, tok, letters="abcdefgh", **kwargs):
     proj = TokenCTCProjector(16, 64, vocab_size=len(letters), stack=1, hidden_dim=32, kernel_size=3, **kwargs)
     ids = torch.tensor(sorted(tok.convert_tokens_to_ids(list(letters))))

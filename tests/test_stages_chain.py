@@ -200,9 +200,17 @@ def test_encoder_and_llm_mismatch_errors(chain):
     cfg = compose_config(TINY + ["stage=projector", "llm=tiny", "encoder=small"], root, data_dir)
     with pytest.raises(ArtifactError, match="different encoder.*d_model: artifact 32 vs config 144"):
         train(cfg)
-    cfg = compose_config(TINY + ["stage=llm", "llm=tiny", "llm.model.hidden_size=32",
-                                 f"init_from={root}/outputs/default/projector_tiny/artifact"], root, data_dir)
+    projector = f"init_from={root}/outputs/default/projector_tiny/artifact"
+    llm = f"init_from={root}/outputs/default/llm_tiny/artifact"
+    cfg = compose_config(TINY + ["stage=llm", "llm=tiny", "llm.model.hidden_size=32", llm], root, data_dir)
     with pytest.raises(ArtifactError, match="different LLM"):
+        train(cfg)
+    # a CTC projector moves only to an LLM with the same token embeddings (a draft cut from it)
+    cfg = compose_config(TINY + ["stage=projector", "llm=tiny", "llm.model.hidden_size=32", projector], root, data_dir)
+    with pytest.raises(ArtifactError, match="width mismatch.*output_dim: artifact 64 vs this run 32"):
+        train(cfg)
+    cfg = compose_config(TINY + ["stage=projector", "llm=tiny", "llm.model.seed=1", projector], root, data_dir)
+    with pytest.raises(ArtifactError, match="aligned to another LLM whose token embeddings differ"):
         train(cfg)
 
 

@@ -126,7 +126,11 @@ class SpeechLLMStage(pl.LightningModule):
         self.encoder.load_state_dict(artifact["encoder"]["state_dict"], strict=True)
         self.features = dict(artifact["features"])
         self.ctc_head = artifact.get("ctc_head")
-        if kind in ("projector", "llm"):
+        if kind == "projector" and self._other_llm(artifact["llm"]) and "token_embeddings" in artifact["projector"]["state_dict"]:
+            # A CTC projector aligned to another LLM with the same token embeddings (a draft cut
+            # from the target): take the projector only; _build_projector checks the embeddings.
+            self.previous = {"projector": artifact["projector"], "llm": None}
+        elif kind in ("projector", "llm"):
             self._check_llm(artifact["llm"])
             self.previous = {"projector": artifact["projector"], "llm": artifact["llm"]}
         log.info("Starting from a %r artifact", kind)
@@ -140,9 +144,12 @@ class SpeechLLMStage(pl.LightningModule):
                 f"Pass the encoder option the artifact was trained with (e.g. encoder=tiny), or another init_from."
             )
 
+    def _other_llm(self, stored: dict) -> bool:
+        return llm_identity(stored["spec"]["model"]) != llm_identity(self.hparams.llm["model"])
+
     def _check_llm(self, stored: dict) -> None:
         spec, tag = stored["spec"], stored["spec"].get("tag")
-        if llm_identity(spec["model"]) != llm_identity(self.hparams.llm["model"]):
+        if self._other_llm(stored):
             raise ArtifactError(
                 f"init_from artifact was trained with a different LLM (llm={tag}) than this run "
                 f"(llm={self.hparams.llm.get('tag')}). Pass llm={tag}, or an artifact of this LLM."
@@ -192,7 +199,7 @@ class SpeechLLMStage(pl.LightningModule):
     def _build_llm(self, texts: list[str] | None):
         h = self.hparams
         model_spec, lora = h.llm["model"], h.llm.get("lora")
-        if self.previous is None:
+        if self.previous is None or self.previous["llm"] is None:
             return build_llm_from_spec(model_spec, h.adapter, lora, texts=texts)
         stored = self.previous["llm"]
         previous = stored["adapter"]
@@ -219,6 +226,13 @@ class SpeechLLMStage(pl.LightningModule):
         projector = instantiate(config)
         if self.previous is not None:
             projector.load_state_dict(self.previous["projector"]["state_dict"], strict=True)
+            if self.previous["llm"] is None and not torch.equal(
+                projector.token_embeddings, embeddings.detach()[projector.vocab_ids].to(projector.token_embeddings)
+            ):
+                raise ArtifactError(
+                    "init_from holds a CTC projector aligned to another LLM whose token embeddings differ from "
+                    f"llm={h.llm.get('tag')}'s; only an LLM with the same embeddings (a draft cut from it) can reuse it"
+                )
         elif hasattr(projector, "set_vocabulary"):  # a CTC projector scores the transcripts' tokens
             vocab_ids = draft_vocab(tokenizer, projector.vocab_ids.numel(), texts)
             projector.set_vocabulary(vocab_ids, embeddings)
