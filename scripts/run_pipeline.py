@@ -92,13 +92,14 @@ def main() -> None:
                         help="comma-separated llm options to train projector + llm stages for (target first, then drafts)")
     parser.add_argument("--skip-encoder", action="store_true", help="reuse outputs/<name>/encoder/artifact")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate the artifacts already trained")
     args, overrides = parser.parse_known_args()
     bad = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("stage", "llm")]
     if bad:
         parser.error(f"{bad}: the pipeline sets stage= and llm= itself; use --llms for the LLMs")
     steps = plan([x for x in args.llms.split(",") if x], overrides, args.skip_encoder)
     for step in steps:
-        if step["train"]:
+        if step["train"] and not args.eval_only:
             print("+ " + shlex.join(step["train"])) if args.dry_run else run(step["train"])
     for step in steps:
         for argv in step["evals"].values():

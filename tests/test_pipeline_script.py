@@ -58,3 +58,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, shared_data_dir):
     results = json.loads((tmp_path / "outputs" / "smoke" / "pipeline_results.json").read_text())
     assert set(results) == {"encoder", "encoder_greedy", "projector_tiny", "llm_tiny", "projector_tiny_draft", "llm_tiny_draft"}
     assert all(sets["test"]["utterances"] == 8 for sets in results.values())
+
+
+def test_eval_only_runs_no_training(tmp_path):
+    proc = pipeline(["--dry-run", "--eval-only", "name=exp"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split(" -m ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    assert lines and all(line.startswith("efin.evaluate") for line in lines)
