@@ -52,7 +52,11 @@ def test_stage_adapter_switches(tmp_path):
     cfg = compose_config(["stage=projector", "llm=smollm2_draft"], tmp_path)
     assert cfg.stage.module.adapter == "frozen" and cfg.llm.adapter == "full"
     assert cfg.paths.stage_dir.endswith("projector_smollm2_draft")
-    assert cfg.trainer.limit_train_batches == cfg.llm.train_fraction
+    # a draft's stage projector continues the target's projector for llm.projector_start.epochs
+    assert cfg.init_from.endswith("projector_smollm2/artifact") and cfg.trainer.max_epochs == 1
+    assert cfg.trainer.limit_train_batches == 1.0
+    cfg = compose_config(["stage=llm", "llm=smollm2_draft"], tmp_path)
+    assert cfg.trainer.limit_train_batches == cfg.llm.train_fraction == 0.5
     # stage=encoder does not touch the LLM
     cfg = compose_config(["stage=encoder"], tmp_path)
     assert "llm" not in cfg.stage.module and cfg.trainer.max_epochs == cfg.stage.max_epochs
