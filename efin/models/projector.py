@@ -24,6 +24,14 @@ def _mask_padding(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     return x * valid.unsqueeze(-1).to(x.dtype)
 
 
+def _stack_frames(x: torch.Tensor, lens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate k consecutive frames: x (B, T, D), lens (B,) -> (B, ceil(T/k), k*D), ceil(lens/k).
+    Padding frames are zeroed first and the tail is zero-filled to a multiple of k."""
+    b, t, d = x.shape
+    x = F.pad(_mask_padding(x, lens), (0, 0, 0, (-t) % k))
+    return x.reshape(b, -1, k * d), torch.div(lens + k - 1, k, rounding_mode="floor")
+
+
 def _check_input(x: torch.Tensor, input_dim: int) -> None:
     if x.ndim != 3 or x.shape[-1] != input_dim:
         raise ValueError(f"projector expects (B, T, {input_dim}) encoder frames, got {tuple(x.shape)}")
@@ -51,12 +59,8 @@ class StackingMLPProjector(nn.Module):
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) encoder frames, lens (B,) valid frames -> (B, ceil(T/k), H), lens ceil(lens/k)."""
         _check_input(x, self.input_dim)
-        b, t, d = x.shape
-        k = self.stack
-        x = _mask_padding(x, lens)
-        x = F.pad(x, (0, 0, 0, (-t) % k))  # zero tail so T is a multiple of k
-        y = self.net(x.reshape(b, -1, k * d))
-        return y, torch.div(lens + k - 1, k, rounding_mode="floor")
+        x, lens = _stack_frames(x, lens, self.stack)
+        return self.net(x), lens
 
     def audio_tokens_per_second(self, encoder_frame_rate: float) -> float:
         """Audio tokens per second of speech for an encoder emitting ``encoder_frame_rate`` frames/s."""
@@ -165,19 +169,19 @@ class TokenCTCProjector(nn.Module):
         table[ids] = torch.arange(1, ids.numel() + 1, device=ids.device)
         self.full_to_class = table
 
+    def _classes(self) -> torch.Tensor:
+        """(1 + S, H): the blank vector, then the token embeddings (CTC class order)."""
+        return torch.cat([self.blank[None], self.token_embeddings], 0)
+
     # ---- CTC over the LLM's tokens ------------------------------------------------------
     def token_logits(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D), lens (B,) -> logits (B, ceil(T/k), 1 + S) with class 0 = blank, lens (B,)."""
         _check_input(x, self.input_dim)
-        b, t, d = x.shape
-        k = self.stack
-        x = F.pad(_mask_padding(x, lens), (0, 0, 0, (-t) % k)).reshape(b, -1, k * d)
-        lens = torch.div(lens + k - 1, k, rounding_mode="floor")
+        x, lens = _stack_frames(x, lens, self.stack)
         h = F.gelu(self.inp(x))
         h = _mask_padding(h, lens)  # the convolution must not see padding
         h = h + F.gelu(self.conv(h.transpose(1, 2))).transpose(1, 2)
-        classes = torch.cat([self.blank[None], self.token_embeddings], 0)
-        logits = F.normalize(self.out(h), dim=-1) @ F.normalize(classes, dim=-1).T
+        logits = F.normalize(self.out(h), dim=-1) @ F.normalize(self._classes(), dim=-1).T
         return self.log_scale.exp() * logits, lens
 
     def ctc_loss(self, logits: torch.Tensor, lens: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
@@ -216,8 +220,7 @@ class TokenCTCProjector(nn.Module):
             blank = blank.masked_fill(torch.arange(keep.shape[1], device=keep.device)[None] >= lens[:, None], float("inf"))
             first = F.one_hot(blank.argmin(1), keep.shape[1]).bool()
             keep = keep | (first & empty[:, None])
-        classes = torch.cat([self.blank[None], self.token_embeddings], 0)
-        soft = (logits / self.temperature).softmax(-1) @ classes  # (B, N, H)
+        soft = (logits / self.temperature).softmax(-1) @ self._classes()  # (B, N, H)
         counts = keep.sum(1)
         out = soft.new_zeros(soft.shape[0], int(counts.max()), soft.shape[2])
         slots = torch.arange(out.shape[1], device=keep.device)[None, :] < counts[:, None]
