@@ -19,6 +19,10 @@ from efin.models.speech_llm import SpeechLLM
 from efin.tokenizer import vocab_from_state
 
 
+# LLM log-probability weight against the CTC + word LM score in n-best rescoring (chosen on dev, README Results).
+DEFAULT_RESCORE_WEIGHT = 0.3
+
+
 def encoder_from_entry(entry: dict) -> Encoder:
     """An encoder rebuilt from a stored ``{"config", "state_dict"}`` entry (strict loading)."""
     encoder = Encoder(**entry["config"])
@@ -103,12 +107,52 @@ def speech_llm_from_artifact(artifact: dict, cache_dir: str | None = None) -> Sp
     )
 
 
+class NBestRescorer:
+    """Second pass over the encoder's CTC n-best: the carried-on CTC head and word LM propose
+    ``nbest`` transcripts (lexicon beam search), the LLM scores each given the audio, and the
+    highest ``first-pass score + weight * LLM log-probability`` wins (attention rescoring, as
+    in WeNet). Every output is a sequence of lexicon words, checked by the LLM.
+
+    Needs an artifact whose encoder stayed frozen and that carries the encoder stage's
+    ``ctc_head`` and ``ctc_lm`` (the CTC stage's word LM).
+    """
+
+    def __init__(self, artifact: dict, encoder_dim: int, nbest: int, weight: float):
+        missing = [k for k in ("ctc_head", "ctc_lm") if artifact.get(k) is None]
+        if missing:
+            raise ArtifactError(
+                f"n-best rescoring needs the encoder stage's CTC head and word LM, and this {artifact['stage']} "
+                f"artifact lacks {missing} (made by an older efin, with a fine-tuned encoder, or from an encoder "
+                f"trained without stage.module.lm); decode with decode.rescore_nbest=0"
+            )
+        if nbest < 1:
+            raise ValueError(f"rescore_nbest must be >= 1 to rescore, got {nbest}")
+        self.vocab = vocab_from_state(artifact["ctc_head"]["vocab"])
+        self.head = torch.nn.Linear(encoder_dim, self.vocab.size)
+        self.head.load_state_dict(artifact["ctc_head"]["state_dict"], strict=True)
+        self.search = lm_decoder(self.vocab, artifact["ctc_lm"], nbest=nbest)
+        self.weight = weight
+
+    def __call__(self, model: SpeechLLM, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
+        """(B, T, F) log-mel, (B,) lengths -> B transcripts; the encoder runs once for both passes."""
+        hidden, lens = model.encoder(feats, feat_lens)
+        candidates = self.search.nbest(self.head.to(hidden.device)(hidden).log_softmax(-1), lens)
+        candidates = [c or [("", 0.0)] for c in candidates]
+        llm_scores = model.score_transcripts(*model.project(hidden, lens), [[t for t, _ in c] for c in candidates])
+        return [
+            max(zip(c, scores), key=lambda pair: pair[0][1] + self.weight * pair[1])[0][0]
+            for c, scores in zip(candidates, llm_scores)
+        ]
+
+
 class SpeechLLMRecognizer:
-    """Transcription with a projector or llm stage artifact (greedy or beam search).
+    """Transcription with a projector or llm stage artifact: the LLM generates (greedy or beam
+    search), or rescores the encoder's CTC + word LM n-best (:class:`NBestRescorer`).
 
     Options (evaluate's ``decode:``): ``num_beams``, ``length_penalty``, ``max_new_tokens``
     (None: the artifact's generation settings), ``cache_dir`` (where the LLM's pretrained
-    weights are cached on this machine).
+    weights are cached on this machine), ``rescore_nbest`` (0: generate; N: rescore an N-best
+    list), ``rescore_weight`` (the LLM log-probability's weight against the first pass's score).
     """
 
     def __init__(
@@ -119,8 +163,13 @@ class SpeechLLMRecognizer:
         length_penalty: float | None = None,
         max_new_tokens: int | None = None,
         cache_dir: str | None = None,
+        rescore_nbest: int = 0,
+        rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
     ):
-        self._init(speech_llm_from_artifact(artifact, cache_dir), device, num_beams, length_penalty, max_new_tokens)
+        model = speech_llm_from_artifact(artifact, cache_dir)
+        self._init(model, device, num_beams, length_penalty, max_new_tokens)
+        if rescore_nbest:
+            self.rescorer = NBestRescorer(artifact, model.encoder.output_dim, rescore_nbest, rescore_weight)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> "SpeechLLMRecognizer":
@@ -133,11 +182,15 @@ class SpeechLLMRecognizer:
         self.model = model.to(device).eval()
         self.device = device
         self.options = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
+        self.rescorer: NBestRescorer | None = None
 
     @torch.inference_mode()
     def transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
         """(B, T, F) log-mel, (B,) lengths -> B transcripts."""
-        return self.model.generate(feats.to(self.device), feat_lens.to(self.device), **self.options)
+        feats, feat_lens = feats.to(self.device), feat_lens.to(self.device)
+        if self.rescorer is not None:
+            return self.rescorer(self.model, feats, feat_lens)
+        return self.model.generate(feats, feat_lens, **self.options)
 
 
 # Artifact kind -> recognizer class.

@@ -11,7 +11,7 @@ Each step is an ordinary ``python -m efin.train stage=...`` run (its own process
 artifact under outputs/<name>/), so a failed step can be re-run alone with the printed command;
 ``--skip-encoder`` reuses an existing encoder artifact. Afterwards ``python -m efin.evaluate``
 decodes the test manifest with each artifact (encoder with its word LM and greedy,
-projector_<llm>, llm_<llm>) into
+projector_<llm>, llm_<llm> generating and rescoring the encoder's n-best) into
 outputs/<name>/eval/<run>/ and the WER/CER table is printed and written to
 outputs/<name>/pipeline_results.json.
 """
@@ -32,6 +32,8 @@ CONF_DIR = REPO / "conf"
 sys.path.insert(0, str(REPO))  # efin importable from this checkout even when it is not pip-installed
 
 from efin.data.datamodule import named_test_sets  # noqa: E402
+
+RESCORE_NBEST = 16  # n-best size for the rescoring evaluation of stage llm artifacts
 
 
 def compose(overrides: list[str]):
@@ -58,8 +60,13 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
         exp_dir, artifact = cfg.paths.exp_dir, f"{cfg.paths.stage_dir}/artifact"
         passthrough = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("name",) or o.lstrip("+~").startswith("paths.")]
         test_sets = named_test_sets(cfg.data.test)
-        # The CTC baseline twice: with its word LM (the artifact's default) and greedy.
-        variants = {run: []} if run != "encoder" else {"encoder": [], "encoder_greedy": ["decode.lm=false"]}
+        # The CTC baseline twice: with its word LM (the artifact's default) and greedy; stage llm
+        # artifacts twice: generating, and rescoring the CTC + word LM n-best.
+        variants = {run: []}
+        if run == "encoder":
+            variants["encoder_greedy"] = ["decode.lm=false"]
+        elif cfg.stage.name == "llm":
+            variants[f"{run}_rescore"] = [f"decode.rescore_nbest={RESCORE_NBEST}"]
         for label, extra in variants.items():
             steps.append({
                 "run": label,

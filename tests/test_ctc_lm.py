@@ -97,3 +97,15 @@ def test_lexicon_beam_search_is_batched():
 def test_lexicon_beam_search_needs_a_space_symbol():
     with pytest.raises(ValueError, match="space symbol"):
         CTCLexiconBeamSearch(["<blank>", "a", "b"], ["ab"])
+
+
+def test_lexicon_beam_search_nbest_lists_distinct_transcripts_best_first():
+    vocab = CharVocab()
+    lp = _log_probs("the cat sat", vocab, confusions={5: "o"})[None]
+    lens = torch.tensor([lp.shape[1]])
+    decoder = lm_decoder(vocab, build_ctc_lm(SENTENCES, order=2), nbest=5)
+    (nbest,) = decoder.nbest(lp, lens)
+    texts, scores = [t for t, _ in nbest], [s for _, s in nbest]
+    assert texts[0] == "the cat sat" and decoder(lp, lens) == ["the cat sat"]
+    assert 1 < len(texts) <= 5 and len(set(texts)) == len(texts)
+    assert scores == sorted(scores, reverse=True)

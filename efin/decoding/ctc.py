@@ -36,6 +36,7 @@ class CTCLexiconBeamSearch:
         beam_size: hypotheses kept per frame.
         lm_weight: weight of the LM log-probability (natural log units).
         word_score: bonus per emitted word (counters the LM's preference for short outputs).
+        nbest: hypotheses :meth:`nbest` returns per utterance (for second-pass rescoring).
     """
 
     SEPARATOR = "|"  # flashlight's word-boundary token; our vocabulary's space maps to it
@@ -48,6 +49,7 @@ class CTCLexiconBeamSearch:
         beam_size: int = 50,
         lm_weight: float = 1.0,
         word_score: float = 0.0,
+        nbest: int = 1,
     ):
         from torchaudio.models.decoder import ctc_decoder
 
@@ -73,14 +75,26 @@ class CTCLexiconBeamSearch:
                 beam_size=beam_size,
                 lm_weight=lm_weight,
                 word_score=word_score,
+                nbest=nbest,
                 blank_token=symbols[0],
                 sil_token=self.SEPARATOR,
             )
 
     def __call__(self, log_probs: torch.Tensor, lens: torch.Tensor) -> list[str]:
         """(B, T', V) CTC log-probabilities, (B,) valid frames -> B transcripts (words joined by spaces)."""
+        return [hyps[0][0] if hyps else "" for hyps in self.nbest(log_probs, lens)]
+
+    def nbest(self, log_probs: torch.Tensor, lens: torch.Tensor) -> list[list[tuple[str, float]]]:
+        """Per utterance, up to ``nbest`` distinct (transcript, score) pairs, best first; the
+        score is ``log P_ctc + lm_weight * log P_lm + word_score * words`` (natural log)."""
         results = self.decoder(log_probs.detach().float().cpu().contiguous(), lens.cpu().to(torch.int32))
-        return [" ".join(w for w in r[0].words if w) if r else "" for r in results]
+        out = []
+        for hyps in results:
+            distinct: dict[str, float] = {}
+            for h in hyps:  # different alignments of the same words are separate hypotheses
+                distinct.setdefault(" ".join(w for w in h.words if w), float(h.score))
+            out.append(list(distinct.items()))
+        return out
 
 
 def build_ctc_lm(

@@ -91,7 +91,10 @@ class SpeechLLM(nn.Module):
 
     def embed_speech(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, F), feat_lens (B,) -> speech embeddings (B, N, H) in the LLM's dtype, lens (B,)."""
-        hidden, lens = self.encoder(feats, feat_lens)
+        return self.project(*self.encoder(feats, feat_lens))
+
+    def project(self, hidden: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output (B, T', D), lens (B,) -> speech embeddings (B, N, H) in the LLM's dtype, lens (B,)."""
         speech, lens = self.projector(hidden, lens)
         return speech.to(self.llm.get_input_embeddings().weight.dtype), lens
 
@@ -129,8 +132,16 @@ class SpeechLLM(nn.Module):
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
     def lm_loss(self, inputs: LLMInputs) -> tuple[torch.Tensor, int]:
-        """Cross-entropy over label positions only: the output head, the costly part for a big
-        vocabulary, runs on transcript positions and not on the prompt or audio."""
+        """Mean cross-entropy (nats) over label positions, and how many there were."""
+        logits, labels, _ = self._label_logits(inputs)
+        n = labels.numel()
+        return F.cross_entropy(logits, labels, reduction="sum") / max(n, 1), n
+
+    def _label_logits(self, inputs: LLMInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output-head logits (n, V) float32 at the n label positions, their labels (n,), and
+        where they are: (B, L-1) bool. The head, the costly part for a big vocabulary, runs on
+        transcript positions only, not on the prompt or audio. A draft's head scores only its
+        subset of the vocabulary; labels outside it are left out."""
         decoder = self.llm.get_decoder()
         hidden = decoder(
             inputs_embeds=inputs.inputs_embeds,
@@ -140,13 +151,43 @@ class SpeechLLM(nn.Module):
         ).last_hidden_state
         labels = inputs.labels[:, 1:]
         subset_labels = getattr(self.llm, "subset_labels", None)
-        if subset_labels is not None:  # a draft's head scores only its subset of the vocabulary
+        if subset_labels is not None:
             labels = subset_labels(labels)
         selected = labels != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][selected]).float()
-        n = int(selected.sum())
-        loss = F.cross_entropy(logits, labels[selected], reduction="sum") / max(n, 1)
-        return loss, n
+        return logits, labels[selected], selected
+
+    @torch.no_grad()
+    def score_transcripts(
+        self, speech: torch.Tensor, speech_lens: torch.Tensor, candidates: list[list[str]]
+    ) -> list[list[float]]:
+        """Log-probability (nats) of each candidate transcript given its audio: the sum over its
+        tokens and the end token (second-pass rescoring of another decoder's n-best).
+
+        Args:
+            speech: (B, N, H) projected speech (:meth:`embed_speech`); speech_lens: (B,).
+            candidates: per utterance, the texts to score.
+
+        Returns:
+            per utterance, one score per candidate; ``-inf`` for a text the LLM cannot produce
+            (longer than the prompt's ``max_text_tokens``, or a token outside a draft's head).
+        """
+        embed = self.llm.get_input_embeddings()
+        scores = []
+        for b, texts in enumerate(candidates):
+            targets, keep = self.prompt.encode_transcripts(texts)
+            rows = len(targets)
+            inputs = self.prompt.training_inputs(
+                embed, speech[b : b + 1].expand(rows, -1, -1), speech_lens[b : b + 1].expand(rows), targets, keep
+            )
+            logits, labels, selected = self._label_logits(inputs)
+            token_log_probs = -F.cross_entropy(logits, labels, reduction="none")
+            row_of_label = selected.nonzero()[:, 0]
+            total = token_log_probs.new_zeros(rows).index_add_(0, row_of_label, token_log_probs)
+            scored = torch.bincount(row_of_label, minlength=rows).cpu()
+            complete = keep & (scored == torch.tensor([len(t) for t in targets]))
+            scores.append(torch.where(complete, total.cpu(), torch.tensor(float("-inf"))).tolist())
+        return scores
 
     # ------------------------------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, test_set_na
 
 log = logging.getLogger(__name__)
 
+# Encoder-stage artifact entries handed on to later artifacts unchanged.
+CARRIED_KEYS = ("ctc_head", "ctc_lm")
+
 
 def _plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
@@ -105,7 +108,8 @@ class SpeechLLMStage(pl.LightningModule):
         self.__dict__["_encoder"] = instantiate(encoder)
         self.model: SpeechLLM | None = None
         self.features: dict | None = None
-        self.ctc_head: dict | None = None
+        # The encoder stage's CTC head and word LM, carried on for n-best rescoring (inference.py).
+        self.carried: dict = {}
         self.previous: dict | None = None  # projector + LLM parts of a projector/llm artifact
         self.projector_config: dict | None = None
         # Checkpoints hold only the weights this stage changes (not the frozen LLM), so
@@ -125,7 +129,7 @@ class SpeechLLMStage(pl.LightningModule):
         self._check_encoder(artifact["encoder"]["config"])
         self.encoder.load_state_dict(artifact["encoder"]["state_dict"], strict=True)
         self.features = dict(artifact["features"])
-        self.ctc_head = artifact.get("ctc_head")
+        self.carried = {k: artifact[k] for k in CARRIED_KEYS if artifact.get(k) is not None}
         if kind == "projector" and self._other_llm(artifact["llm"]) and "token_embeddings" in artifact["projector"]["state_dict"]:
             # A CTC projector aligned to another LLM with the same token embeddings (a draft cut
             # from the target): take the projector only; _build_projector checks the embeddings.
@@ -386,7 +390,8 @@ class SpeechLLMStage(pl.LightningModule):
 
     def artifact_payload(self) -> dict:
         """Encoder, projector, the LLM's build spec plus the LLM weights this stage changed,
-        prompt and generation settings, features (and the encoder stage's CTC head, carried on)."""
+        prompt and generation settings, features, and the encoder stage's CTC head and word LM
+        (carried on while the encoder stays frozen: a fine-tuned encoder no longer fits them)."""
         m = self.model
         spec = self.llm_spec()
 
@@ -401,6 +406,8 @@ class SpeechLLMStage(pl.LightningModule):
             "generation": spec["generation"],
             "features": dict(self.features),
         }
-        if self.ctc_head is not None:
-            payload["ctc_head"] = self.ctc_head
+        if self.hparams.train_encoder:
+            log.info("The encoder was fine-tuned: the encoder stage's CTC head and word LM are not carried on")
+        else:
+            payload.update(self.carried)
         return payload
