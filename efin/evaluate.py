@@ -28,17 +28,25 @@ from efin.text import normalize
 log = logging.getLogger("efin.evaluate")
 
 
+def manifest_loader(
+    manifest, featurizer, batch_seconds: float, num_buckets: int = 10, num_workers: int = 0, on_invalid: str = "error"
+) -> DataLoader:
+    """Batches of a JSONL manifest in a fixed order, utterances of similar length together
+    (``batch_seconds`` of audio per batch), as :func:`efin.data.dataset.collate` makes them."""
+    utterances = load_manifest(manifest, on_invalid=on_invalid)
+    sampler = DurationBucketSampler(
+        [u.duration for u in utterances], max_seconds=batch_seconds, num_buckets=num_buckets,
+        shuffle=False, num_replicas=1, rank=0,
+    )
+    dataset = SpeechDataset(utterances, featurizer)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Decode ``cfg.manifest`` with ``cfg.artifact``; returns the metrics dict."""
     torch.set_grad_enabled(False)
     recognizer, featurizer = load_recognizer(cfg.artifact, device=cfg.device, **(cfg.decode or {}))
-    utterances = load_manifest(cfg.manifest, on_invalid=cfg.on_invalid)
-    dataset = SpeechDataset(utterances, featurizer)
-    sampler = DurationBucketSampler(
-        [u.duration for u in utterances], max_seconds=cfg.batch_seconds, num_buckets=cfg.num_buckets,
-        shuffle=False, num_replicas=1, rank=0,
-    )
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    loader = manifest_loader(cfg.manifest, featurizer, cfg.batch_seconds, cfg.num_buckets, cfg.num_workers, cfg.on_invalid)
     records, audio_seconds, start = [], 0.0, time.perf_counter()
     for batch in loader:
         hyps = recognizer.transcribe(batch["feats"], batch["feat_lens"])

@@ -134,15 +134,22 @@ class NBestRescorer:
         self.weight = weight
 
     def __call__(self, model: SpeechLLM, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
-        """(B, T, F) log-mel, (B,) lengths -> B transcripts; the encoder runs once for both passes."""
-        hidden, lens = model.encoder(feats, feat_lens)
-        candidates = self.search.nbest(self.head.to(hidden.device)(hidden).log_softmax(-1), lens)
-        candidates = [c or [("", 0.0)] for c in candidates]
-        llm_scores = model.score_transcripts(*model.project(hidden, lens), [[t for t, _ in c] for c in candidates])
+        """(B, T, F) log-mel, (B,) lengths -> B transcripts."""
         return [
-            max(zip(c, scores), key=lambda pair: pair[0][1] + self.weight * pair[1])[0][0]
-            for c, scores in zip(candidates, llm_scores)
+            max(candidates, key=lambda c: c[1] + self.weight * c[2])[0]
+            for candidates in self.scored_candidates(model, feats, feat_lens)
         ]
+
+    def scored_candidates(
+        self, model: SpeechLLM, feats: torch.Tensor, feat_lens: torch.Tensor
+    ) -> list[list[tuple[str, float, float]]]:
+        """Per utterance, the n-best as (text, first-pass score, LLM log-probability), in
+        first-pass order; the encoder runs once for both passes."""
+        hidden, lens = model.encoder(feats, feat_lens)
+        nbest = self.search.nbest(self.head.to(hidden.device)(hidden).log_softmax(-1), lens)
+        nbest = [candidates or [("", 0.0)] for candidates in nbest]
+        llm_scores = model.score_transcripts(*model.project(hidden, lens), [[t for t, _ in c] for c in nbest])
+        return [[(t, s, llm) for (t, s), llm in zip(c, scores)] for c, scores in zip(nbest, llm_scores)]
 
 
 class SpeechLLMRecognizer:

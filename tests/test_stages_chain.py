@@ -7,6 +7,7 @@ reproduces the stage's test transcripts, and the errors for a missing or mismatc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -204,19 +205,34 @@ def test_rescoring_picks_the_llm_best_of_the_encoder_nbest(chain):
     assert first_only.transcribe(feats, lens) == ctc.transcribe(feats, lens)
     # a huge weight: the candidate the LLM finds most likely
     rescoring, _ = load_recognizer(artifact, rescore_nbest=8, rescore_weight=1e6)
-    model, rescorer = rescoring.model, rescoring.rescorer
     with torch.no_grad():
-        hidden, hidden_lens = model.encoder(feats, lens)
-        nbest = rescorer.search.nbest(rescorer.head(hidden).log_softmax(-1), hidden_lens)
-        texts = [[t for t, _ in candidates] for candidates in nbest]
-        llm_scores = model.score_transcripts(*model.project(hidden, hidden_lens), texts)
-    assert max(len(t) for t in texts) > 1  # there is a choice to make
-    assert rescoring.transcribe(feats, lens) == [t[s.index(max(s))] for t, s in zip(texts, llm_scores)]
+        scored = rescoring.rescorer.scored_candidates(rescoring.model, feats, lens)
+    assert [c[0][0] for c in scored] == ctc.transcribe(feats, lens)  # first-pass order
+    assert max(len(c) for c in scored) > 1  # there is a choice to make
+    assert rescoring.transcribe(feats, lens) == [max(c, key=lambda x: x[2])[0] for c in scored]
     # without the encoder stage's word LM there is nothing to rescore
     stored = _artifact(root, "llm_tiny")
     del stored["ctc_lm"]
     with pytest.raises(ArtifactError, match=r"lacks \['ctc_lm'\].*decode.rescore_nbest=0"):
         SpeechLLMRecognizer(stored, rescore_nbest=8)
+
+
+def test_rescore_weight_sweep_starts_from_the_encoders_own_decoding(chain):
+    from efin.evaluate import evaluate
+
+    root, data_dir, _ = chain
+    script = Path(__file__).resolve().parents[1] / "scripts" / "tune_rescore.py"
+    spec = importlib.util.spec_from_file_location("tune_rescore", script)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    manifest = data_dir / "synthetic-tiny" / "test.jsonl"
+    results = tune.sweep(root / "outputs" / "default" / "llm_tiny" / "artifact", manifest, nbest=4, weights=[0.0, 1.0])
+    assert [r["weight"] for r in results["weights"]] == [0.0, 1.0] and results["utterances"] == 8
+    # weight 0 is the encoder artifact's own CTC + word LM decoding (same batches as evaluate)
+    cfg = compose_config([f"artifact={root}/outputs/default/encoder/artifact", f"manifest={manifest}",
+                          f"out_dir={root / 'eval' / 'encoder_lm'}", "num_workers=0"], root, data_dir, config_name="evaluate")
+    assert results["weights"][0]["wer"] == pytest.approx(evaluate(cfg)["wer"])
+    assert results["oracle_wer"] <= min(r["wer"] for r in results["weights"])
 
 
 def test_missing_artifact_names_the_command_to_run(tmp_path, shared_data_dir):
