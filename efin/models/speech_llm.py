@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from efin.data.prompt import IGNORE_INDEX, LLMInputs, PromptBuilder
-from efin.decoding.llm_search import Hypothesis, beam_search, greedy_search
+from efin.decoding.llm_search import Hypothesis, beam_search, greedy_search, score_continuations
 
 
 @dataclass
@@ -132,16 +132,8 @@ class SpeechLLM(nn.Module):
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
     def lm_loss(self, inputs: LLMInputs) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy (nats) over label positions, and how many there were."""
-        logits, labels, _ = self._label_logits(inputs)
-        n = labels.numel()
-        return F.cross_entropy(logits, labels, reduction="sum") / max(n, 1), n
-
-    def _label_logits(self, inputs: LLMInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Output-head logits (n, V) float32 at the n label positions, their labels (n,), and
-        where they are: (B, L-1) bool. The head, the costly part for a big vocabulary, runs on
-        transcript positions only, not on the prompt or audio. A draft's head scores only its
-        subset of the vocabulary; labels outside it are left out."""
+        """Cross-entropy over label positions only: the output head, the costly part for a big
+        vocabulary, runs on transcript positions and not on the prompt or audio."""
         decoder = self.llm.get_decoder()
         hidden = decoder(
             inputs_embeds=inputs.inputs_embeds,
@@ -151,18 +143,21 @@ class SpeechLLM(nn.Module):
         ).last_hidden_state
         labels = inputs.labels[:, 1:]
         subset_labels = getattr(self.llm, "subset_labels", None)
-        if subset_labels is not None:
+        if subset_labels is not None:  # a draft's head scores only its subset of the vocabulary
             labels = subset_labels(labels)
         selected = labels != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][selected]).float()
-        return logits, labels[selected], selected
+        n = int(selected.sum())
+        loss = F.cross_entropy(logits, labels[selected], reduction="sum") / max(n, 1)
+        return loss, n
 
     @torch.no_grad()
     def score_transcripts(
         self, speech: torch.Tensor, speech_lens: torch.Tensor, candidates: list[list[str]]
     ) -> list[list[float]]:
         """Log-probability (nats) of each candidate transcript given its audio: the sum over its
-        tokens and the end token (second-pass rescoring of another decoder's n-best).
+        tokens and the end token (second-pass rescoring of another decoder's n-best). Each
+        utterance's prompt runs once; its candidates continue from its KV cache.
 
         Args:
             speech: (B, N, H) projected speech (:meth:`embed_speech`); speech_lens: (B,).
@@ -172,22 +167,22 @@ class SpeechLLM(nn.Module):
             per utterance, one score per candidate; ``-inf`` for a text the LLM cannot produce
             (longer than the prompt's ``max_text_tokens``, or a token outside a draft's head).
         """
-        embed = self.llm.get_input_embeddings()
-        scores = []
+        targets, keep, rows = [], [], []
         for b, texts in enumerate(candidates):
-            targets, keep = self.prompt.encode_transcripts(texts)
-            rows = len(targets)
-            inputs = self.prompt.training_inputs(
-                embed, speech[b : b + 1].expand(rows, -1, -1), speech_lens[b : b + 1].expand(rows), targets, keep
-            )
-            logits, labels, selected = self._label_logits(inputs)
-            token_log_probs = -F.cross_entropy(logits, labels, reduction="none")
-            row_of_label = selected.nonzero()[:, 0]
-            total = token_log_probs.new_zeros(rows).index_add_(0, row_of_label, token_log_probs)
-            scored = torch.bincount(row_of_label, minlength=rows).cpu()
-            complete = keep & (scored == torch.tensor([len(t) for t in targets]))
-            scores.append(torch.where(complete, total.cpu(), torch.tensor(float("-inf"))).tolist())
-        return scores
+            ids, fits = self.prompt.encode_transcripts(texts)
+            targets += ids
+            keep += fits.tolist()
+            rows += [b] * len(ids)
+        inputs = self.prompt.generation_inputs(self.llm.get_input_embeddings(), speech, speech_lens)
+        scores = score_continuations(
+            self.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, targets, torch.tensor(rows)
+        )
+        scores = torch.where(torch.tensor(keep), scores, torch.tensor(float("-inf"))).tolist()
+        out, start = [], 0
+        for texts in candidates:
+            out.append(scores[start : start + len(texts)])
+            start += len(texts)
+        return out
 
     # ------------------------------------------------------------------------------------------
 
