@@ -20,7 +20,7 @@ from efin.tokenizer import vocab_from_state
 
 
 # LLM log-probability weight against the CTC + word LM score in n-best rescoring (chosen on dev, README Results).
-DEFAULT_RESCORE_WEIGHT = 0.3
+DEFAULT_RESCORE_WEIGHT = 0.2
 
 
 def encoder_from_entry(entry: dict) -> Encoder:
