@@ -1,7 +1,7 @@
 """Run the whole EFIN chain for the target LLM and its draft, then score every artifact on test.
 
     python scripts/run_pipeline.py                        # defaults: encoder once, then projector + llm
-                                                          # for smollm2 and smollm2_draft (~82 min on 2 CPU cores, see README)
+                                                          # for smollm2 and smollm2_draft (~87 min on 2 CPU cores, see README)
     python scripts/run_pipeline.py name=exp1 trainer=gpu  # extra Hydra overrides go to every stage
     python scripts/run_pipeline.py --llms tiny,tiny_draft name=smoke data=tiny encoder=tiny projector=tiny
                                                           # a smoke test of the chain in about a minute
