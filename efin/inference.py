@@ -113,24 +113,24 @@ class NBestRescorer:
     highest ``first-pass score + weight * LLM log-probability`` wins (attention rescoring, as
     in WeNet). Every output is a sequence of lexicon words, checked by the LLM.
 
-    Needs an artifact whose encoder stayed frozen and that carries the encoder stage's
-    ``ctc_head`` and ``ctc_lm`` (the CTC stage's word LM).
+    ``first_pass`` holds the encoder stage's ``ctc_head`` and ``ctc_lm`` entries, which
+    projector/llm artifacts carry on while their encoder stays frozen.
     """
 
-    def __init__(self, artifact: dict, encoder_dim: int, nbest: int, weight: float):
-        missing = [k for k in ("ctc_head", "ctc_lm") if artifact.get(k) is None]
+    def __init__(self, first_pass: dict, encoder_dim: int, nbest: int, weight: float):
+        missing = [k for k in ("ctc_head", "ctc_lm") if first_pass.get(k) is None]
         if missing:
             raise ArtifactError(
-                f"n-best rescoring needs the encoder stage's CTC head and word LM, and this {artifact['stage']} "
-                f"artifact lacks {missing} (made by an older efin, with a fine-tuned encoder, or from an encoder "
-                f"trained without stage.module.lm); decode with decode.rescore_nbest=0"
+                f"n-best rescoring needs the encoder stage's CTC head and word LM, and this artifact or export "
+                f"lacks {missing} (made by an older efin, with a fine-tuned encoder, or from an encoder trained "
+                f"without stage.module.lm); decode with decode.rescore_nbest=0"
             )
         if nbest < 1:
             raise ValueError(f"rescore_nbest must be >= 1 to rescore, got {nbest}")
-        self.vocab = vocab_from_state(artifact["ctc_head"]["vocab"])
+        self.vocab = vocab_from_state(first_pass["ctc_head"]["vocab"])
         self.head = torch.nn.Linear(encoder_dim, self.vocab.size)
-        self.head.load_state_dict(artifact["ctc_head"]["state_dict"], strict=True)
-        self.search = lm_decoder(self.vocab, artifact["ctc_lm"], nbest=nbest)
+        self.head.load_state_dict(first_pass["ctc_head"]["state_dict"], strict=True)
+        self.search = lm_decoder(self.vocab, first_pass["ctc_lm"], nbest=nbest)
         self.weight = weight
 
     def __call__(self, model: SpeechLLM, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
@@ -174,22 +174,27 @@ class SpeechLLMRecognizer:
         rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
     ):
         model = speech_llm_from_artifact(artifact, cache_dir)
-        self._init(model, device, num_beams, length_penalty, max_new_tokens)
-        if rescore_nbest:
-            self.rescorer = NBestRescorer(artifact, model.encoder.output_dim, rescore_nbest, rescore_weight)
+        first_pass = {k: artifact.get(k) for k in ("ctc_head", "ctc_lm")}
+        self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> "SpeechLLMRecognizer":
-        """Wrap an already built SpeechLLM (e.g. a Hugging Face export, see scripts/export_hf.py)."""
+        """Wrap an already built SpeechLLM (e.g. a Hugging Face export, see scripts/export_hf.py);
+        ``options`` as for the constructor, plus ``first_pass`` ({"ctc_head", "ctc_lm"}) to rescore."""
         self = cls.__new__(cls)
         self._init(model, device, **options)
         return self
 
-    def _init(self, model, device, num_beams=None, length_penalty=None, max_new_tokens=None) -> None:
+    def _init(
+        self, model, device, num_beams=None, length_penalty=None, max_new_tokens=None, first_pass=None,
+        rescore_nbest: int = 0, rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
+    ) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.options = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
-        self.rescorer: NBestRescorer | None = None
+        self.rescorer = None
+        if rescore_nbest:
+            self.rescorer = NBestRescorer(first_pass or {}, model.encoder.output_dim, rescore_nbest, rescore_weight)
 
     @torch.inference_mode()
     def transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:

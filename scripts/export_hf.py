@@ -6,7 +6,8 @@ LoRA is merged into the LLM (peft ``merge_and_unload``), so ``--out/llm`` is a p
 ``save_pretrained`` checkpoint plus its tokenizer, loadable with
 ``AutoModelForCausalLM.from_pretrained`` and by serving stacks that know nothing of efin or
 peft. Next to it: ``encoder.pt`` and ``projector.pt`` (config + state dict each) and
-``efin_export.json`` (prompt, generation and feature settings). :func:`load_export` rebuilds a
+``efin_export.json`` (prompt, generation and feature settings), and ``ctc_first_pass.pt`` (the
+encoder stage's CTC head and word LM, for n-best rescoring) when the artifact carries them. :func:`load_export` rebuilds a
 recognizer from such a directory without efin artifacts or the LLM's original source.
 
 Drafts (subset-head LLMs) are exported the same way; their ``lm_head`` has only
@@ -35,6 +36,7 @@ from efin.models.llm_state import merge_lora  # noqa: E402
 log = logging.getLogger("export_hf")
 EXPORT_FORMAT = "efin-hf-export"
 EXPORT_VERSION = 1
+FIRST_PASS_FILE = "ctc_first_pass.pt"
 
 
 def export(artifact_path: str | Path, out: str | Path, cache_dir: str | None = None) -> Path:
@@ -54,6 +56,9 @@ def export(artifact_path: str | Path, out: str | Path, cache_dir: str | None = N
     torch.save(
         {"config": dict(artifact["projector"]["config"]), "state_dict": model.projector.state_dict()}, out / "projector.pt"
     )
+    first_pass = {k: artifact[k] for k in ("ctc_head", "ctc_lm") if artifact.get(k) is not None}
+    if len(first_pass) == 2:  # the encoder's CTC head and word LM, for n-best rescoring
+        torch.save(first_pass, out / FIRST_PASS_FILE)
     meta = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -97,7 +102,7 @@ def load_export(directory: str | Path, device: str = "cpu", **options) -> tuple[
     """Rebuild ``(recognizer, featurizer)`` from an :func:`export` directory.
 
     ``options``: decoding options of :class:`~efin.inference.SpeechLLMRecognizer`
-    (num_beams, length_penalty, max_new_tokens).
+    (num_beams, length_penalty, max_new_tokens, rescore_nbest, rescore_weight).
     """
     from hydra.utils import instantiate
 
@@ -117,6 +122,8 @@ def load_export(directory: str | Path, device: str = "cpu", **options) -> tuple[
         frames_per_second=1000.0 / meta["features"]["hop_ms"], **meta["generation"],
     )
     options = {k: v for k, v in options.items() if v is not None}
+    if (directory / FIRST_PASS_FILE).is_file():
+        options["first_pass"] = torch.load(directory / FIRST_PASS_FILE, map_location="cpu", weights_only=True)
     return SpeechLLMRecognizer.from_model(model, device=device, **options), LogMel(**meta["features"])
 
 

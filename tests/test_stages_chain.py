@@ -284,6 +284,10 @@ def test_hf_export_reloads_to_same_transcripts(chain, run, tmp_path):
     utterances = load_manifest(data_dir / "synthetic-tiny" / "test.jsonl")
     batch = next(iter(DataLoader(SpeechDataset(utterances, featurizer), batch_size=8, collate_fn=collate)))
     assert exported.transcribe(batch["feats"], batch["feat_lens"]) == original.transcribe(batch["feats"], batch["feat_lens"])
+    # n-best rescoring too: the export carries the encoder's CTC head and word LM
+    original, _ = load_recognizer(artifact, rescore_nbest=4)
+    exported, _ = export_hf.load_export(out, rescore_nbest=4)
+    assert exported.transcribe(batch["feats"], batch["feat_lens"]) == original.transcribe(batch["feats"], batch["feat_lens"])
 
 
 def test_projector_width_mismatch_error(chain):
