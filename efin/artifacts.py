@@ -31,6 +31,11 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The encoder stage's CTC head and word LM: projector/llm artifacts (and Hugging Face exports)
+# carry them on unchanged while the encoder stays frozen, for n-best rescoring (efin.inference).
+FIRST_PASS_KEYS = ("ctc_head", "ctc_lm")
+
+
 class ArtifactError(RuntimeError):
     """An artifact is missing, of the wrong kind, or incomplete."""
 

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from hydra.utils import instantiate
 
-from efin.artifacts import ArtifactError, load_artifact
+from efin.artifacts import FIRST_PASS_KEYS, ArtifactError, load_artifact
 from efin.data.audio import LogMel
 from efin.decoding.ctc import ctc_greedy, lm_decoder
 from efin.models.ctc import CTCModel
@@ -118,7 +118,7 @@ class NBestRescorer:
     """
 
     def __init__(self, first_pass: dict, encoder_dim: int, nbest: int, weight: float):
-        missing = [k for k in ("ctc_head", "ctc_lm") if first_pass.get(k) is None]
+        missing = [k for k in FIRST_PASS_KEYS if first_pass.get(k) is None]
         if missing:
             raise ArtifactError(
                 f"n-best rescoring needs the encoder stage's CTC head and word LM, and this artifact or export "
@@ -174,7 +174,7 @@ class SpeechLLMRecognizer:
         rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
     ):
         model = speech_llm_from_artifact(artifact, cache_dir)
-        first_pass = {k: artifact.get(k) for k in ("ctc_head", "ctc_lm")}
+        first_pass = {k: artifact.get(k) for k in FIRST_PASS_KEYS}
         self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight)
 
     @classmethod

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from efin.artifacts import load_artifact  # noqa: E402
+from efin.artifacts import FIRST_PASS_KEYS, load_artifact  # noqa: E402
 from efin.data.audio import LogMel  # noqa: E402
 from efin.inference import SpeechLLMRecognizer, speech_llm_from_artifact  # noqa: E402
 from efin.models.llm import SubsetHeadLM, _ensure_pad_token  # noqa: E402
@@ -56,8 +56,8 @@ def export(artifact_path: str | Path, out: str | Path, cache_dir: str | None = N
     torch.save(
         {"config": dict(artifact["projector"]["config"]), "state_dict": model.projector.state_dict()}, out / "projector.pt"
     )
-    first_pass = {k: artifact[k] for k in ("ctc_head", "ctc_lm") if artifact.get(k) is not None}
-    if len(first_pass) == 2:  # the encoder's CTC head and word LM, for n-best rescoring
+    first_pass = {k: artifact[k] for k in FIRST_PASS_KEYS if artifact.get(k) is not None}
+    if len(first_pass) == len(FIRST_PASS_KEYS):  # the encoder's CTC head and word LM, for n-best rescoring
         torch.save(first_pass, out / FIRST_PASS_FILE)
     meta = {
         "format": EXPORT_FORMAT,

@@ -26,7 +26,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from efin.artifacts import ArtifactError
+from efin.artifacts import FIRST_PASS_KEYS, ArtifactError
 from efin.models.encoder import Encoder
 from efin.models.llm import SubsetHeadLM, draft_vocab
 from efin.models.llm_state import (
@@ -42,9 +42,6 @@ from efin.models.speech_llm import SpeechLLM
 from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, test_set_name
 
 log = logging.getLogger(__name__)
-
-# Encoder-stage artifact entries handed on to later artifacts unchanged.
-CARRIED_KEYS = ("ctc_head", "ctc_lm")
 
 
 def _plain(node) -> Any:
@@ -129,7 +126,7 @@ class SpeechLLMStage(pl.LightningModule):
         self._check_encoder(artifact["encoder"]["config"])
         self.encoder.load_state_dict(artifact["encoder"]["state_dict"], strict=True)
         self.features = dict(artifact["features"])
-        self.carried = {k: artifact[k] for k in CARRIED_KEYS if artifact.get(k) is not None}
+        self.carried = {k: artifact[k] for k in FIRST_PASS_KEYS if artifact.get(k) is not None}
         if kind == "projector" and self._other_llm(artifact["llm"]) and "token_embeddings" in artifact["projector"]["state_dict"]:
             # A CTC projector aligned to another LLM with the same token embeddings (a draft cut
             # from the target): take the projector only; _build_projector checks the embeddings.
