@@ -235,6 +235,18 @@ def test_rescore_weight_sweep_starts_from_the_encoders_own_decoding(chain):
     assert results["oracle_wer"] <= min(r["wer"] for r in results["weights"])
 
 
+def test_unfrozen_encoder_trains_and_drops_the_first_pass(chain):
+    root, data_dir, _ = chain
+    run = run_stage(root, data_dir, ["stage=llm", "llm=tiny", "name=unfrozen", "stage.module.train_encoder=true",
+                                     f"init_from={root}/outputs/default/projector_tiny/artifact"])
+    assert _parts(run["grads"])["encoder"] and _parts(run["changed"])["encoder"]
+    artifact = load_artifact(root / "outputs" / "unfrozen" / "llm_tiny" / "artifact")
+    # the encoder stage's CTC head and word LM no longer fit the fine-tuned encoder
+    assert "ctc_head" not in artifact and "ctc_lm" not in artifact
+    with pytest.raises(ArtifactError, match="decode.rescore_nbest=0"):
+        load_recognizer(root / "outputs" / "unfrozen" / "llm_tiny" / "artifact", rescore_nbest=4)
+
+
 def test_missing_artifact_names_the_command_to_run(tmp_path, shared_data_dir):
     cfg = compose_config(TINY + ["stage=llm", "llm=tiny", "name=fresh"], tmp_path, shared_data_dir)
     with pytest.raises(ArtifactError, match=r"python -m efin\.train stage=projector llm=tiny name=fresh"):
