@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))  # efin importable from this checkout even when it
 
 from efin.data.datamodule import named_test_sets  # noqa: E402
 
-RESCORE_NBEST = 8  # n-best size for the rescoring evaluation of stage llm artifacts (16 is no better on dev)
+RESCORE_NBEST = 8  # n-best size for the rescoring evaluation of stage llm artifacts (16 is no better on dev, README Results)
 
 
 def compose(overrides: list[str]):
