@@ -135,10 +135,12 @@ class NBestRescorer:
 
     def __call__(self, model: SpeechLLM, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
         """(B, T, F) log-mel, (B,) lengths -> B transcripts."""
-        return [
-            max(candidates, key=lambda c: c[1] + self.weight * c[2])[0]
-            for candidates in self.scored_candidates(model, feats, feat_lens)
-        ]
+        return [self.best(c, self.weight) for c in self.scored_candidates(model, feats, feat_lens)]
+
+    @staticmethod
+    def best(candidates: list[tuple[str, float, float]], weight: float) -> str:
+        """The text with the highest ``first-pass score + weight * LLM log-probability``."""
+        return max(candidates, key=lambda c: c[1] + weight * c[2])[0]
 
     def scored_candidates(
         self, model: SpeechLLM, feats: torch.Tensor, feat_lens: torch.Tensor

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from efin.evaluate import manifest_loader  # noqa: E402
-from efin.inference import load_recognizer  # noqa: E402
+from efin.inference import NBestRescorer, load_recognizer  # noqa: E402
 from efin.metrics import cer, edit_distance, wer  # noqa: E402
 from efin.text import normalize  # noqa: E402
 
@@ -39,7 +39,7 @@ def sweep(artifact, manifest, nbest: int, weights: list[float], batch_seconds: f
         refs += [normalize(t) for t in batch["texts"]]
     rows = []
     for weight in weights:
-        hyps = [normalize(max(c, key=lambda x: x[1] + weight * x[2])[0]) for c in scored]
+        hyps = [normalize(NBestRescorer.best(c, weight)) for c in scored]
         rows.append({"weight": weight, "wer": wer(refs, hyps), "cer": cer(refs, hyps)})
     oracle = [min((normalize(t) for t, _, _ in c), key=lambda h: edit_distance(r.split(), h.split()))
               for r, c in zip(refs, scored)]
