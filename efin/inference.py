@@ -117,7 +117,7 @@ class NBestRescorer:
     projector/llm artifacts carry on while their encoder stays frozen.
     """
 
-    def __init__(self, first_pass: dict, encoder_dim: int, nbest: int, weight: float):
+    def __init__(self, first_pass: dict, encoder_dim: int, nbest: int, weight: float, device: str = "cpu"):
         missing = [k for k in FIRST_PASS_KEYS if first_pass.get(k) is None]
         if missing:
             raise ArtifactError(
@@ -130,6 +130,7 @@ class NBestRescorer:
         self.vocab = vocab_from_state(first_pass["ctc_head"]["vocab"])
         self.head = torch.nn.Linear(encoder_dim, self.vocab.size)
         self.head.load_state_dict(first_pass["ctc_head"]["state_dict"], strict=True)
+        self.head.to(device)
         self.search = lm_decoder(self.vocab, first_pass["ctc_lm"], nbest=nbest)
         self.weight = weight
 
@@ -148,7 +149,7 @@ class NBestRescorer:
         """Per utterance, the n-best as (text, first-pass score, LLM log-probability), in
         first-pass order; the encoder runs once for both passes."""
         hidden, lens = model.encoder(feats, feat_lens)
-        nbest = self.search.nbest(self.head.to(hidden.device)(hidden).log_softmax(-1), lens)
+        nbest = self.search.nbest(self.head(hidden).log_softmax(-1), lens)
         nbest = [candidates or [("", 0.0)] for candidates in nbest]
         llm_scores = model.score_transcripts(*model.project(hidden, lens), [[t for t, _ in c] for c in nbest])
         return [[(t, s, llm) for (t, s), llm in zip(c, scores)] for c, scores in zip(nbest, llm_scores)]
@@ -196,7 +197,7 @@ class SpeechLLMRecognizer:
         self.options = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
         self.rescorer = None
         if rescore_nbest:
-            self.rescorer = NBestRescorer(first_pass or {}, model.encoder.output_dim, rescore_nbest, rescore_weight)
+            self.rescorer = NBestRescorer(first_pass or {}, model.encoder.output_dim, rescore_nbest, rescore_weight, device)
 
     @torch.inference_mode()
     def transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
