@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+EFIN_DIR = str(Path(__file__).resolve().parents[1] / "efin")
 
 # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine extra threads
 # make every step many times slower.
@@ -64,3 +67,51 @@ def _grad_enabled():
     ``trainer.fit`` (tests of bad input do that) can leave grad mode off in this process."""
     with torch.enable_grad():
         yield
+
+
+class DeprecatedCallError(AssertionError):
+    """A deprecated API of a dependency was called from efin's own code."""
+
+
+def _caller_outside(frame, package_dir: str):
+    """The first frame above ``frame`` that is neither in ``package_dir`` (the library that
+    warned) nor in torch's module-call or functools plumbing between it and its caller."""
+    plumbing = ("torch/nn/modules/module.py", "functools.py", "contextlib.py")
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(package_dir) or frame.f_code.co_filename.endswith(plumbing)
+    ):
+        frame = frame.f_back
+    return frame
+
+
+_original_warn = warnings.warn
+
+
+def _warn_failing_on_our_deprecated_calls(message, category=None, stacklevel=1, source=None, **kwargs):
+    """``warnings.warn`` that raises when a dependency deprecates something efin calls directly.
+
+    Libraries attribute their deprecation warnings to whatever called them (``stacklevel=2``),
+    which for a model's ``forward`` is torch's call plumbing, not us; so a ``filterwarnings``
+    module pattern cannot catch them. Here we walk the stack instead: from the warning's
+    origin, past the warning library's own frames, to the first caller. If that is efin code,
+    the test fails, so a deprecation (transformers' ``past_key_values`` -> ``cache``) is fixed
+    before the release that removes the old name breaks users. Deprecations that a
+    dependency triggers inside itself (peft calling transformers) are not ours to fix.
+    """
+    if category is None and isinstance(message, Warning):
+        category = type(message)
+    if category is not None and issubclass(category, (DeprecationWarning, FutureWarning)):
+        origin = sys._getframe(1)
+        library = origin.f_code.co_filename
+        site = library.rsplit("/site-packages/", 1)
+        if len(site) == 2:
+            package_dir = site[0] + "/site-packages/" + site[1].split("/", 1)[0]
+            caller = _caller_outside(origin, package_dir)
+            if caller is not None and caller.f_code.co_filename.startswith(EFIN_DIR):
+                raise DeprecatedCallError(
+                    f"{caller.f_code.co_filename}:{caller.f_lineno} calls a deprecated API: {message}"
+                )
+    return _original_warn(message, category, stacklevel + 1, source, **kwargs)
+
+
+warnings.warn = _warn_failing_on_our_deprecated_calls

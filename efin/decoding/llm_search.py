@@ -103,7 +103,7 @@ def forward_step(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         logits_to_keep=logits_to_keep,
     )
