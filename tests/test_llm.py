@@ -9,17 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from efin.models import llm as llm_mod
-from efin.models.llm import (
-    SubsetHeadLM,
-    build_draft,
-    build_draft_llm,
-    build_llm,
-    build_tiny_llm,
-    draft_vocab,
-    forward_flops_per_token,
-    model_flops_per_token,
-)
+from efin.models import smollm2 as llm_mod
+from efin.flops import forward_flops_per_token, model_flops_per_token
+from efin.models.draft import SubsetHeadLM, build_draft, build_draft_llm, draft_vocab
+from efin.models.llm import build_llm, build_tiny_llm
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -250,7 +243,7 @@ def test_tiny_configs_instantiate():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from efin.data.prompt import PromptBuilder
+    from efin.models.prompt import PromptBuilder
     from efin.models.speech_llm import SpeechLLM
 
     llm_cfg = OmegaConf.load(CONF / "llm" / "tiny.yaml")
@@ -297,7 +290,7 @@ def test_smollm2_lora_config_instantiates():
 
 @pytest.mark.slow
 def test_smollm2_builds_and_transcribes_prompted_text():
-    from efin.data.prompt import PromptBuilder
+    from efin.models.prompt import PromptBuilder
     from efin.decoding.llm_search import greedy_search
 
     model, tok = build_llm(cache_dir=Path(__file__).resolve().parents[1] / "data" / "cache" / "llm")

@@ -6,7 +6,7 @@ node) and the weights that rebuilding from that spec cannot reproduce:
   * adapter ``frozen``: none;
   * adapter ``lora``: the LoRA weights (``peft.get_peft_model_state_dict``);
   * adapter ``full``: the whole state dict;
-  * a draft (:class:`~efin.models.llm.SubsetHeadLM`) in addition keeps ``vocab_ids`` and the
+  * a draft (:class:`~efin.models.draft.SubsetHeadLM`) in addition keeps ``vocab_ids`` and the
     head rows they select: rebuilt without the training transcripts, a draft ranks its
     vocabulary differently.
 
@@ -20,7 +20,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from efin.models.llm import ADAPTERS, SubsetHeadLM, apply_adapter
+from efin.models.draft import SubsetHeadLM
+from efin.models.llm import ADAPTERS, apply_adapter
 
 #: Builder keys that do not change which pretrained weights an LLM spec denotes.
 RUNTIME_KEYS = frozenset({"adapter", "lora", "texts", "gradient_checkpointing", "cache_dir", "attn_implementation", "dtype"})
