@@ -32,7 +32,6 @@ from efin.data.datamodule import named_test_sets
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
-RESCORE_NBEST = 8  # n-best size for the rescoring evaluation of stage llm artifacts (16 is no better on dev, README Results)
 
 
 def compose(overrides: list[str]):
@@ -49,7 +48,11 @@ def compose(overrides: list[str]):
 def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict]:
     """Ordered steps: {run, train (argv) or None, artifact, evals: {test set: argv}, metrics: {test set: path}}."""
     stages = [] if skip_encoder else [["stage=encoder"]]
-    stages += [[f"stage={stage}", f"llm={llm}"] for llm in llms for stage in ("projector", "llm")]
+    for llm in llms:
+        # A recipe of its own for this LLM's stage projector (a draft continues its target's projector)
+        recipe = CONF_DIR / "experiment" / f"{llm}_projector.yaml"
+        stages.append([f"experiment={recipe.stem}"] if recipe.is_file() else ["stage=projector", f"llm={llm}"])
+        stages.append(["stage=llm", f"llm={llm}"])
     evaluated = [["stage=encoder"]] + stages[0 if skip_encoder else 1 :]
     python = [sys.executable, "-m"]
     steps = []
@@ -63,9 +66,9 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
         # artifacts twice: generating, and rescoring the CTC + word LM n-best.
         variants = {run: []}
         if run == "encoder":
-            variants["encoder_greedy"] = ["decode.lm=false"]
+            variants["encoder_greedy"] = ["decode=ctc_greedy"]
         elif cfg.stage.name == "llm":
-            variants[f"{run}_rescore"] = [f"decode.rescore_nbest={RESCORE_NBEST}"]
+            variants[f"{run}_rescore"] = ["decode=rescore"]
         for label, extra in variants.items():
             steps.append({
                 "run": label,

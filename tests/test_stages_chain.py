@@ -70,9 +70,11 @@ def run_stage(root: Path, data_dir: Path, overrides: list[str]) -> dict:
 def chain(tmp_path_factory, shared_data_dir):
     root = tmp_path_factory.mktemp("chain")
     runs = {"encoder": run_stage(root, shared_data_dir, ["stage=encoder"])}
-    for llm in ("tiny", "tiny_draft"):
-        runs[f"projector_{llm}"] = run_stage(root, shared_data_dir, ["stage=projector", f"llm={llm}"])
-        runs[f"llm_{llm}"] = run_stage(root, shared_data_dir, ["stage=llm", f"llm={llm}"])
+    runs["projector_tiny"] = run_stage(root, shared_data_dir, ["stage=projector", "llm=tiny"])
+    runs["llm_tiny"] = run_stage(root, shared_data_dir, ["stage=llm", "llm=tiny"])
+    # the draft continues the tiny target's projector (conf/experiment/tiny_draft_projector.yaml)
+    runs["projector_tiny_draft"] = run_stage(root, shared_data_dir, ["experiment=tiny_draft_projector"])
+    runs["llm_tiny_draft"] = run_stage(root, shared_data_dir, ["stage=llm", "llm=tiny_draft"])
     return root, shared_data_dir, runs
 
 
