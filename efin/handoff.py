@@ -16,8 +16,9 @@ reproduce (:mod:`efin.models.llm_state`). The feature frame rate comes from the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from hydra.utils import instantiate

@@ -7,8 +7,8 @@ entries; the decoding itself lives in :mod:`efin.decoding`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -92,7 +92,7 @@ class SpeechLLMRecognizer:
         self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight)
 
     @classmethod
-    def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> "SpeechLLMRecognizer":
+    def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
         """Wrap an already built SpeechLLM (e.g. a Hugging Face export, :func:`efin.export.load_export`);
         ``options`` as for the constructor, plus ``first_pass`` ({"ctc_head", "ctc_lm"}) to rescore."""
         self = cls.__new__(cls)

@@ -1,6 +1,6 @@
 """Run the whole EFIN chain for the target LLM and its draft, then score every artifact on test.
 
-    python -m efin.pipeline                               # (or python -m efin.pipeline) defaults: encoder once, then projector + llm
+    python -m efin.pipeline                               # (= scripts/run_pipeline.py) defaults: encoder once, then projector + llm
                                                           # for smollm2 and smollm2_draft (~87 min on 2 CPU cores, see README)
     python -m efin.pipeline name=exp1 trainer=gpu  # extra Hydra overrides go to every stage
     python -m efin.pipeline --llms tiny,tiny_draft name=smoke data=tiny encoder=tiny projector=tiny

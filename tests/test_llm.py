@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from efin.models import smollm2 as llm_mod
 from efin.flops import forward_flops_per_token, model_flops_per_token
+from efin.models import smollm2 as llm_mod
 from efin.models.draft import SubsetHeadLM, build_draft, build_draft_llm, draft_vocab
 from efin.models.llm import build_llm, build_tiny_llm
 
@@ -290,8 +290,8 @@ def test_smollm2_lora_config_instantiates():
 
 @pytest.mark.slow
 def test_smollm2_builds_and_transcribes_prompted_text():
-    from efin.models.prompt import PromptBuilder
     from efin.decoding.llm_search import greedy_search
+    from efin.models.prompt import PromptBuilder
 
     model, tok = build_llm(cache_dir=Path(__file__).resolve().parents[1] / "data" / "cache" / "llm")
     model.eval()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from efin.decoding.generate import decode, generate, score_transcripts
 from efin.decoding.llm_search import (
     extend,
     forward_step,
@@ -16,7 +17,6 @@ from efin.decoding.llm_search import (
     prefill,
     score_continuations,
 )
-from efin.decoding.generate import decode, generate, score_transcripts
 from efin.models.draft import build_draft_llm
 from efin.models.llm import build_tiny_llm
 from efin.models.projector import StackingMLPProjector

@@ -13,8 +13,8 @@ Building blocks for other decoders (speculative decoding reuses them):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn

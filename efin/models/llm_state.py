@@ -15,7 +15,8 @@ Loading checks the expected keys of each part instead of loading with ``strict=F
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
