@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader
 from efin.data.dataset import SpeechDataset, collate
 from efin.data.manifest import load_manifest
 from efin.data.sampler import DurationBucketSampler
+from efin.decoding.rescore import NBestRescorer
 from efin.inference import load_recognizer
-from efin.stages.common import write_results
+from efin.metrics import cer, edit_distance, wer
+from efin.results import write_results
 from efin.text import normalize
 
 log = logging.getLogger("efin.evaluate")
@@ -52,7 +54,7 @@ def evaluate(cfg: DictConfig) -> dict:
         hyps = recognizer.transcribe(batch["feats"], batch["feat_lens"])
         for utt_id, ref, hyp in zip(batch["ids"], batch["texts"], hyps):
             records.append({"id": utt_id, "ref": normalize(ref), "hyp": normalize(hyp)})
-        audio_seconds += float(batch["feat_lens"].sum()) / 100  # 100 feature frames per second
+        audio_seconds += float(batch["feat_lens"].sum()) / featurizer.frames_per_second
     elapsed = time.perf_counter() - start
     metrics = write_results(cfg.out_dir, cfg.split, records)
     metrics.update(artifact=str(cfg.artifact), manifest=str(cfg.manifest), real_time_factor=elapsed / max(audio_seconds, 1e-9))
@@ -60,6 +62,28 @@ def evaluate(cfg: DictConfig) -> dict:
     log.info("%s: WER %.2f%%  CER %.2f%%  (%d utterances, RTF %.3f) -> %s", cfg.split, 100 * metrics["wer"],
              100 * metrics["cer"], metrics["utterances"], metrics["real_time_factor"], cfg.out_dir)
     return metrics
+
+
+def rescore_sweep(artifact, manifest, nbest: int, weights: list[float], batch_seconds: float = 120.0) -> dict:
+    """WER/CER of n-best rescoring per LLM weight on ``manifest``, and the n-best oracle WER.
+
+    The n-best lists and both scores are computed once; every weight is a re-ranking
+    (``scripts/tune_rescore.py`` is its command line).
+    """
+    torch.set_grad_enabled(False)
+    recognizer, featurizer = load_recognizer(artifact, rescore_nbest=nbest)
+    refs, scored = [], []
+    for batch in manifest_loader(manifest, featurizer, batch_seconds):
+        scored += recognizer.rescorer.scored_candidates(recognizer.model, batch["feats"], batch["feat_lens"])
+        refs += [normalize(t) for t in batch["texts"]]
+    rows = []
+    for weight in weights:
+        hyps = [normalize(NBestRescorer.best(c, weight)) for c in scored]
+        rows.append({"weight": weight, "wer": wer(refs, hyps), "cer": cer(refs, hyps)})
+    oracle = [min((normalize(t) for t, _, _ in c), key=lambda h: edit_distance(r.split(), h.split()))
+              for r, c in zip(refs, scored)]
+    return {"artifact": str(artifact), "manifest": str(manifest), "nbest": nbest, "utterances": len(refs),
+            "weights": rows, "oracle_wer": wer(refs, oracle)}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

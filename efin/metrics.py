@@ -6,8 +6,8 @@ definition, equal to ``jiwer.wer(refs, hyps)``), rather than averaging per-utter
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:

@@ -7,7 +7,8 @@ dict stored in the stage artifact, so decoding never depends on files outside th
 from __future__ import annotations
 
 import io
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 from efin.text import ALPHABET, normalize
 
@@ -55,7 +56,7 @@ class SentencePieceVocab:
         self.size = self.sp.get_piece_size() + 1
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 256) -> "SentencePieceVocab":
+    def train(cls, texts: Iterable[str], vocab_size: int = 256) -> SentencePieceVocab:
         import sentencepiece as spm
 
         buf = io.BytesIO()

@@ -1,14 +1,14 @@
 """Benchmark: per-token decoding cost of draft LLMs against their target, side by side.
 
 For the target LLM and each draft configuration it reports the analytic forward cost per
-token (multiply-accumulates, :func:`efin.models.llm.model_flops_per_token`, at the benchmark's
+token (multiply-accumulates, :func:`efin.flops.model_flops_per_token`, at the benchmark's
 mean context length) and the measured wall time of one KV-cached decoding step at batch 1,
 after a prefill of ``--prompt-len`` positions (a speech-LLM prompt: instruction + audio tokens).
 Models are timed *interleaved* (one decode run of each in turn, ``--rounds`` times) so that
 load from other processes hits all alike; the median is reported, with ratios to the target.
 
 The weights are the pretrained LLM's (a draft is its first layers plus a frequency-ranked
-head subset, :func:`efin.models.llm.build_draft_llm`); trained weights do not change the cost.
+head subset, :func:`efin.models.draft.build_draft_llm`); trained weights do not change the cost.
 
 Run::
 
@@ -36,7 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from efin.data.manifest import load_manifest  # noqa: E402
 from efin.decoding.llm_search import extend, prefill  # noqa: E402
-from efin.models.llm import DEFAULT_LLM, build_draft_llm, build_llm, model_flops_per_token  # noqa: E402
+from efin.flops import model_flops_per_token  # noqa: E402
+from efin.models.draft import build_draft_llm  # noqa: E402
+from efin.models.llm import DEFAULT_LLM, build_llm  # noqa: E402
 
 
 def parse_draft(spec: str) -> tuple[int, int | None]:

@@ -18,33 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from efin.evaluate import manifest_loader  # noqa: E402
-from efin.inference import NBestRescorer, load_recognizer  # noqa: E402
-from efin.metrics import cer, edit_distance, wer  # noqa: E402
-from efin.text import normalize  # noqa: E402
-
-
-def sweep(artifact, manifest, nbest: int, weights: list[float], batch_seconds: float = 120.0) -> dict:
-    """WER/CER of the rescored output per weight on ``manifest``, and the n-best oracle WER."""
-    torch.set_grad_enabled(False)
-    recognizer, featurizer = load_recognizer(artifact, rescore_nbest=nbest)
-    refs, scored = [], []
-    for batch in manifest_loader(manifest, featurizer, batch_seconds):
-        scored += recognizer.rescorer.scored_candidates(recognizer.model, batch["feats"], batch["feat_lens"])
-        refs += [normalize(t) for t in batch["texts"]]
-    rows = []
-    for weight in weights:
-        hyps = [normalize(NBestRescorer.best(c, weight)) for c in scored]
-        rows.append({"weight": weight, "wer": wer(refs, hyps), "cer": cer(refs, hyps)})
-    oracle = [min((normalize(t) for t, _, _ in c), key=lambda h: edit_distance(r.split(), h.split()))
-              for r, c in zip(refs, scored)]
-    return {"artifact": str(artifact), "manifest": str(manifest), "nbest": nbest, "utterances": len(refs),
-            "weights": rows, "oracle_wer": wer(refs, oracle)}
+from efin.evaluate import rescore_sweep  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +33,7 @@ def main() -> None:
     parser.add_argument("--batch-seconds", type=float, default=120.0, help="audio seconds per batch")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
-    results = sweep(args.artifact, args.manifest, args.nbest, args.weights, args.batch_seconds)
+    results = rescore_sweep(args.artifact, args.manifest, args.nbest, args.weights, args.batch_seconds)
     for row in results["weights"]:
         print(f"weight {row['weight']:<6g} WER {100 * row['wer']:6.2f} %  CER {100 * row['cer']:6.2f} %")
     best = min(results["weights"], key=lambda r: r["wer"])

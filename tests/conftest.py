@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EFIN_DIR = str(Path(__file__).resolve().parents[1] / "efin")

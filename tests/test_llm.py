@@ -9,17 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from efin.models import llm as llm_mod
-from efin.models.llm import (
-    SubsetHeadLM,
-    build_draft,
-    build_draft_llm,
-    build_llm,
-    build_tiny_llm,
-    draft_vocab,
-    forward_flops_per_token,
-    model_flops_per_token,
-)
+from efin.flops import forward_flops_per_token, model_flops_per_token
+from efin.models import smollm2 as llm_mod
+from efin.models.draft import SubsetHeadLM, build_draft, build_draft_llm, draft_vocab
+from efin.models.llm import build_llm, build_tiny_llm
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -236,7 +229,7 @@ def test_smollm2_draft_config_is_within_an_eighth_of_target_flops():
 
 # -- configs ------------------------------------------------------------------------------------
 
-YAMLS = sorted((CONF / "llm").glob("*.yaml")) + sorted((CONF / "projector").glob("*.yaml"))
+YAMLS = sorted((CONF / "llm").glob("**/*.yaml")) + sorted((CONF / "projector").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -246,15 +239,17 @@ def test_every_config_key_is_commented(path):
             assert "#" in line, f"{path.name}:{number}: key without a comment: {line.strip()}"
 
 
-def test_tiny_configs_instantiate():
+def test_tiny_configs_instantiate(tmp_path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from efin.data.prompt import PromptBuilder
+    from efin.models.llm_state import build_llm_from_spec
+    from efin.models.prompt import PromptBuilder
     from efin.models.speech_llm import SpeechLLM
+    from tests.conftest import compose_config
 
-    llm_cfg = OmegaConf.load(CONF / "llm" / "tiny.yaml")
-    model, tok = instantiate(llm_cfg.model)
+    llm_cfg = compose_config(["llm=tiny"], tmp_path).llm
+    model, tok = build_llm_from_spec(llm_cfg.model, llm_cfg.adapter, llm_cfg.lora)  # as the stage builds it
     assert _trainable(model) and all("lora_" in n for n in _trainable(model))
     prompt = instantiate(llm_cfg.prompt, tokenizer=tok)
     assert isinstance(prompt, PromptBuilder)
@@ -271,7 +266,7 @@ def test_tiny_configs_instantiate():
         out = speech_llm(torch.randn(2, 10, 16), torch.tensor([10, 6]), ["ab", "c"])
         assert out.num_tokens == 5
 
-    draft_cfg = OmegaConf.load(CONF / "llm" / "tiny_draft.yaml")
+    draft_cfg = compose_config(["llm=tiny_draft"], tmp_path).llm
     draft, draft_tok = instantiate(draft_cfg.model, texts=["hello there"])
     assert isinstance(draft, SubsetHeadLM) and draft.vocab_ids.numel() == draft_cfg.model.head_rows
     assert torch.equal(draft.get_input_embeddings().weight, model.get_base_model().get_input_embeddings().weight)
@@ -283,13 +278,14 @@ def test_smollm2_lora_config_instantiates():
     from peft import LoraConfig
 
     cfg = OmegaConf.load(CONF / "llm" / "smollm2.yaml")
-    lora = instantiate(cfg.model.lora)
+    lora = instantiate(cfg.lora)
     assert isinstance(lora, LoraConfig) and set(lora.target_modules) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert lora.r == 16
-    assert cfg.model.name_or_path == llm_mod.DEFAULT_LLM
+    model = OmegaConf.load(CONF / "llm" / "model" / "smollm2.yaml")  # the builder node, placed at llm.model
+    assert model.name_or_path == llm_mod.DEFAULT_LLM
     # the cache follows conf/paths (EFIN_CACHE_DIR), never a machine-specific literal
-    assert OmegaConf.to_container(cfg, resolve=False)["model"]["cache_dir"] == "${paths.cache_dir}/llm"
+    assert OmegaConf.to_container(model, resolve=False)["cache_dir"] == "${paths.cache_dir}/llm"
 
 
 # -- the real default LLM (downloads ~93 MB on first use) ---------------------------------------
@@ -297,8 +293,8 @@ def test_smollm2_lora_config_instantiates():
 
 @pytest.mark.slow
 def test_smollm2_builds_and_transcribes_prompted_text():
-    from efin.data.prompt import PromptBuilder
     from efin.decoding.llm_search import greedy_search
+    from efin.models.prompt import PromptBuilder
 
     model, tok = build_llm(cache_dir=Path(__file__).resolve().parents[1] / "data" / "cache" / "llm")
     model.eval()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from efin.decoding.generate import decode, generate, score_transcripts
 from efin.decoding.llm_search import (
     extend,
     forward_step,
@@ -16,7 +17,8 @@ from efin.decoding.llm_search import (
     prefill,
     score_continuations,
 )
-from efin.models.llm import build_draft_llm, build_tiny_llm
+from efin.models.draft import build_draft_llm
+from efin.models.llm import build_tiny_llm
 from efin.models.projector import StackingMLPProjector
 from efin.models.speech_llm import SpeechLLM
 from tests.conftest import LinearEncoder
@@ -46,24 +48,24 @@ def batch():
 
 
 def _one_by_one(model, feats, lens, **kw):
-    return [model.decode(feats[b : b + 1, : lens[b]], lens[b : b + 1], **kw)[0] for b in range(len(lens))]
+    return [decode(model, feats[b : b + 1, : lens[b]], lens[b : b + 1], **kw)[0] for b in range(len(lens))]
 
 
 def test_greedy_batched_equals_one_at_a_time(model, batch):
     feats, lens = batch
-    batched = model.decode(feats, lens, max_new_tokens=MAX_NEW)
+    batched = decode(model, feats, lens, max_new_tokens=MAX_NEW)
     single = _one_by_one(model, feats, lens, max_new_tokens=MAX_NEW)
     assert [h.tokens for h in batched] == [h.tokens for h in single]
     assert [h.stop_token for h in batched] == [h.stop_token for h in single]
     # the case is not trivial: some stop early, some run to the limit
     assert {h.stop_token is None for h in batched} == {True, False}
-    texts = model.generate(feats, lens, max_new_tokens=MAX_NEW)
+    texts = generate(model, feats, lens, max_new_tokens=MAX_NEW)
     assert texts == [model.tokenizer.decode(h.tokens, skip_special_tokens=True).strip() for h in single]
 
 
 def test_greedy_log_prob_matches_teacher_forcing(model, batch):
     feats, lens = batch
-    hyps = model.decode(feats, lens, max_new_tokens=MAX_NEW)
+    hyps = decode(model, feats, lens, max_new_tokens=MAX_NEW)
     inputs = model.generation_inputs(feats, lens)
     conts = [h.tokens + ([h.stop_token] if h.stop_token is not None else []) for h in hyps]
     scores = score_continuations(model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, conts)
@@ -84,8 +86,8 @@ def test_per_item_length_limits(model, batch):
 
 def test_beam_of_one_is_greedy(model, batch):
     feats, lens = batch
-    greedy = model.decode(feats, lens, max_new_tokens=MAX_NEW)
-    beam = model.decode(feats, lens, max_new_tokens=MAX_NEW, num_beams=1)
+    greedy = decode(model, feats, lens, max_new_tokens=MAX_NEW)
+    beam = decode(model, feats, lens, max_new_tokens=MAX_NEW, num_beams=1)
     assert [h.tokens for h in beam] == [h.tokens for h in greedy]
     assert [h.stop_token for h in beam] == [h.stop_token for h in greedy]
 
@@ -96,8 +98,8 @@ def test_beam_scores_at_least_greedy(model, batch):
     general (the greedy prefix can be pruned), and with length normalisation (length_penalty=1)
     it does lose to greedy on one of these random-model utterances."""
     feats, lens = batch
-    greedy = model.decode(feats, lens, max_new_tokens=MAX_NEW)
-    beam = model.decode(feats, lens, max_new_tokens=MAX_NEW, num_beams=4, length_penalty=0.0)
+    greedy = decode(model, feats, lens, max_new_tokens=MAX_NEW)
+    beam = decode(model, feats, lens, max_new_tokens=MAX_NEW, num_beams=4, length_penalty=0.0)
     for g, b in zip(greedy, beam):
         assert b.log_prob >= g.log_prob - 1e-5
     assert any(b.log_prob > g.log_prob + 1e-3 for g, b in zip(greedy, beam))
@@ -106,7 +108,7 @@ def test_beam_scores_at_least_greedy(model, batch):
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
 def test_beam_reports_model_log_prob(model, batch, length_penalty):
     feats, lens = batch
-    beam = model.decode(feats, lens, max_new_tokens=MAX_NEW, num_beams=4, length_penalty=length_penalty)
+    beam = decode(model, feats, lens, max_new_tokens=MAX_NEW, num_beams=4, length_penalty=length_penalty)
     inputs = model.generation_inputs(feats, lens)
     conts = [h.tokens + ([h.stop_token] if h.stop_token is not None else []) for h in beam]
     scores = score_continuations(model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, conts)
@@ -115,7 +117,7 @@ def test_beam_reports_model_log_prob(model, batch, length_penalty):
 
 def test_beam_batched_equals_one_at_a_time(model, batch):
     feats, lens = batch
-    batched = model.decode(feats, lens, max_new_tokens=MAX_NEW, num_beams=3)
+    batched = decode(model, feats, lens, max_new_tokens=MAX_NEW, num_beams=3)
     single = _one_by_one(model, feats, lens, max_new_tokens=MAX_NEW, num_beams=3)
     assert [h.tokens for h in batched] == [h.tokens for h in single]
 
@@ -176,7 +178,7 @@ def test_draft_decodes_within_its_vocabulary(batch):
     outside = torch.ones(len(tok), dtype=torch.bool)
     outside[draft.vocab_ids] = False
     assert torch.isinf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
-    hyps = model.decode(feats, lens, max_new_tokens=MAX_NEW)
+    hyps = decode(model, feats, lens, max_new_tokens=MAX_NEW)
     allowed = set(draft.vocab_ids.tolist())
     assert all(set(h.tokens) <= allowed for h in hyps)
     assert [h.tokens for h in hyps] == [h.tokens for h in _one_by_one(model, feats, lens, max_new_tokens=MAX_NEW)]
@@ -190,7 +192,7 @@ def test_lora_model_decodes(batch):
     llm, tok = build_tiny_llm(adapter="lora", lora=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     model = _speech_llm(llm, tok)
     feats, lens = batch
-    assert [h.tokens for h in model.decode(feats, lens, max_new_tokens=8)] == [
+    assert [h.tokens for h in decode(model, feats, lens, max_new_tokens=8)] == [
         h.tokens for h in _one_by_one(model, feats, lens, max_new_tokens=8)
     ]
 
@@ -199,7 +201,7 @@ def test_score_transcripts_is_the_teacher_forced_log_prob(model, batch):
     feats, lens = batch
     speech, speech_lens = model.embed_speech(feats, lens)
     candidates = [["hello there", "hello"], ["a b"], ["there", "hello there", ""], ["b"]]
-    scores = model.score_transcripts(speech, speech_lens, candidates)
+    scores = score_transcripts(model, speech, speech_lens, candidates)
     assert [len(s) for s in scores] == [2, 1, 3, 1]
     for b, texts in enumerate(candidates):
         for text, score in zip(texts, scores[b]):
@@ -210,7 +212,7 @@ def test_score_transcripts_is_the_teacher_forced_log_prob(model, batch):
     # too long for the prompt: cannot be produced
     model.prompt.max_text_tokens, saved = 3, model.prompt.max_text_tokens
     try:
-        too_long, short = model.score_transcripts(speech[1:2], speech_lens[1:2], [["hello", "a b"]])[0]
+        too_long, short = score_transcripts(model, speech[1:2], speech_lens[1:2], [["hello", "a b"]])[0]
         assert too_long == float("-inf") and short == pytest.approx(scores[1][0], rel=1e-5)
     finally:
         model.prompt.max_text_tokens = saved
@@ -222,5 +224,5 @@ def test_draft_cannot_score_tokens_outside_its_head(batch):
     model = _speech_llm(draft, tok)
     feats, lens = batch
     speech, speech_lens = model.embed_speech(feats[:1], lens[:1])
-    inside, outside = model.score_transcripts(speech, speech_lens, [["hello", "quiz"]])[0]
+    inside, outside = score_transcripts(model, speech, speech_lens, [["hello", "quiz"]])[0]
     assert math.isfinite(inside) and inside < 0 and outside == float("-inf")

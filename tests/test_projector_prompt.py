@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from efin.data.prompt import IGNORE_INDEX, PromptBuilder
 from efin.models.llm import build_tiny_llm, build_tiny_tokenizer
 from efin.models.projector import ConvProjector, StackingMLPProjector
+from efin.models.prompt import IGNORE_INDEX, PromptBuilder
 from efin.models.speech_llm import SpeechLLM
 from efin.text import normalize
 from tests.conftest import LinearEncoder
-
 
 PROJECTORS = [
     lambda: StackingMLPProjector(16, 24, stack=3, hidden_dim=32),

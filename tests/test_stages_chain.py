@@ -7,7 +7,6 @@ reproduces the stage's test transcripts, and the errors for a missing or mismatc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -71,9 +70,11 @@ def run_stage(root: Path, data_dir: Path, overrides: list[str]) -> dict:
 def chain(tmp_path_factory, shared_data_dir):
     root = tmp_path_factory.mktemp("chain")
     runs = {"encoder": run_stage(root, shared_data_dir, ["stage=encoder"])}
-    for llm in ("tiny", "tiny_draft"):
-        runs[f"projector_{llm}"] = run_stage(root, shared_data_dir, ["stage=projector", f"llm={llm}"])
-        runs[f"llm_{llm}"] = run_stage(root, shared_data_dir, ["stage=llm", f"llm={llm}"])
+    runs["projector_tiny"] = run_stage(root, shared_data_dir, ["stage=projector", "llm=tiny"])
+    runs["llm_tiny"] = run_stage(root, shared_data_dir, ["stage=llm", "llm=tiny"])
+    # the draft continues the tiny target's projector (conf/experiment/tiny_draft_projector.yaml)
+    runs["projector_tiny_draft"] = run_stage(root, shared_data_dir, ["experiment=tiny_draft_projector"])
+    runs["llm_tiny_draft"] = run_stage(root, shared_data_dir, ["stage=llm", "llm=tiny_draft"])
     return root, shared_data_dir, runs
 
 
@@ -221,12 +222,10 @@ def test_rescore_weight_sweep_starts_from_the_encoders_own_decoding(chain):
     from efin.evaluate import evaluate
 
     root, data_dir, _ = chain
-    script = Path(__file__).resolve().parents[1] / "scripts" / "tune_rescore.py"
-    spec = importlib.util.spec_from_file_location("tune_rescore", script)
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    from efin.evaluate import rescore_sweep
+
     manifest = data_dir / "synthetic-tiny" / "test.jsonl"
-    results = tune.sweep(root / "outputs" / "default" / "llm_tiny" / "artifact", manifest, nbest=4, weights=[0.0, 1.0])
+    results = rescore_sweep(root / "outputs" / "default" / "llm_tiny" / "artifact", manifest, nbest=4, weights=[0.0, 1.0])
     assert [r["weight"] for r in results["weights"]] == [0.0, 1.0] and results["utterances"] == 8
     # weight 0 is the encoder artifact's own CTC + word LM decoding (same batches as evaluate)
     cfg = compose_config([f"artifact={root}/outputs/default/encoder/artifact", f"manifest={manifest}",
@@ -274,17 +273,11 @@ def test_encoder_and_llm_mismatch_errors(chain):
 
 @pytest.mark.parametrize("run", ["llm_tiny", "llm_tiny_draft"])
 def test_hf_export_reloads_to_same_transcripts(chain, run, tmp_path):
-    import importlib.util
-
     from torch.utils.data import DataLoader
 
+    from efin import export as export_hf
     from efin.data.dataset import SpeechDataset, collate
     from efin.data.manifest import load_manifest
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"
-    spec = importlib.util.spec_from_file_location("export_hf", script)
-    export_hf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export_hf)
 
     root, data_dir, _ = chain
     artifact = root / "outputs" / "default" / run / "artifact"
@@ -302,29 +295,36 @@ def test_hf_export_reloads_to_same_transcripts(chain, run, tmp_path):
     assert exported.transcribe(batch["feats"], batch["feat_lens"]) == original.transcribe(batch["feats"], batch["feat_lens"])
 
 
-def test_projector_width_mismatch_error(chain):
-    from hydra.utils import instantiate
+def _start(cfg, artifact: dict | None = None):
+    from efin.handoff import SpeechLLMStart
 
+    m = cfg.stage.module
+    start = SpeechLLMStart(m.encoder, m.projector, m.llm, m.adapter)
+    if artifact is not None:
+        start.take(artifact)
+    return start
+
+
+def test_projector_width_mismatch_error(chain):
     root, data_dir, _ = chain
     artifact = _artifact(root, "projector_tiny")
     artifact["projector"]["config"]["output_dim"] = 32  # as if trained for a 32-wide LLM
     cfg = compose_config(TINY + ["stage=llm", "llm=tiny"], root, data_dir)
-    module = instantiate(cfg.stage.module)
-    module.init_from_artifact(artifact)
-    llm, tokenizer = instantiate(cfg.llm.model)
     with pytest.raises(ArtifactError, match="width mismatch.*output_dim: artifact 32 vs this run 64"):
-        module._build_projector(llm, tokenizer, texts=None)
+        _start(cfg, artifact).build(artifact["features"])
 
 
 def test_ctc_loss_weights_need_a_ctc_projector(chain):
-    from hydra.utils import instantiate
+    from efin.stages.speech_llm import check_loss_weights
 
     root, data_dir, _ = chain
     cfg = compose_config(TINY + ["stage=projector", "llm=tiny", "projector=tiny_mlp"], root, data_dir)
-    module = instantiate(cfg.stage.module)
-    llm, tokenizer = instantiate(cfg.llm.model)
+    encoder = _artifact(root, "encoder")
+    start = _start(cfg, encoder)
+    with pytest.raises(ArtifactError, match="different projector"):  # the recipe's projector is checked against the artifact
+        _start(cfg, _artifact(root, "projector_tiny")).build(encoder["features"])
+    model = start.build(encoder["features"])
+    m = cfg.stage.module
     with pytest.raises(ValueError, match="need a CTC projector.*set ctc_weight=0 and lm_weight=1"):
-        module._build_projector(llm, tokenizer, texts=None)
-    cfg = compose_config(TINY + ["stage=projector", "llm=tiny", "projector=tiny_mlp", "stage.module.lm_weight=1",
-                                 "stage.module.ctc_weight=0"], root, data_dir)
-    instantiate(cfg.stage.module)._build_projector(llm, tokenizer, texts=None)  # the LM-loss recipe builds
+        check_loss_weights(model.projector, m.lm_weight, m.ctc_weight)
+    check_loss_weights(model.projector, lm_weight=1, ctc_weight=0)  # the LM-loss recipe builds

@@ -51,8 +51,8 @@ def test_artifact_round_trip_reproduces_test_transcripts(encoder_run, tmp_path):
         )
         result = evaluate(eval_cfg)
         decoded = Path(cfg.paths.output_dir) / f"decode/{stage_split}.hyps.jsonl"
-        stage_hyps = {r["id"]: r["hyp"] for r in map(json.loads, open(decoded))}
-        eval_hyps = {r["id"]: r["hyp"] for r in map(json.loads, open(out / "test.hyps.jsonl"))}
+        stage_hyps = {r["id"]: r["hyp"] for r in map(json.loads, decoded.read_text().splitlines())}
+        eval_hyps = {r["id"]: r["hyp"] for r in map(json.loads, (out / "test.hyps.jsonl").read_text().splitlines())}
         assert eval_hyps == stage_hyps
         assert result["cer"] == pytest.approx(metrics[metric])
 

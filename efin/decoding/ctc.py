@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from efin.decoding.ngram import kneser_ney_arpa
+from efin.models.protocols import CharacterVocabulary
 from efin.text import normalize
 
 
@@ -113,7 +114,7 @@ def build_ctc_lm(
 
 def lm_decoder(vocab, ctc_lm: dict, **overrides) -> CTCLexiconBeamSearch:
     """Lexicon beam search with a stored ``ctc_lm`` entry; ``overrides`` replace its decode settings."""
-    if not hasattr(vocab, "symbols"):
+    if not isinstance(vocab, CharacterVocabulary):
         raise ValueError("LM decoding needs the character CTC vocabulary (stage.module.vocab=char)")
     settings = {**ctc_lm["decode"], **{k: v for k, v in overrides.items() if v is not None}}
     return CTCLexiconBeamSearch(vocab.symbols, ctc_lm["words"], ctc_lm["arpa"], **settings)

@@ -1,6 +1,6 @@
 """Greedy and beam search for an LLM over embedding prefixes, with a KV cache.
 
-Prompts arrive left-padded (see ``efin.data.prompt.PromptBuilder.generation_inputs``): every
+Prompts arrive left-padded (see ``efin.models.prompt.PromptBuilder.generation_inputs``): every
 prompt ends at the last column, so new tokens are appended in one column for the whole batch.
 Positions are passed explicitly (transformers >= 5.4 ignores ``cache_position``) and continue
 from each item's own last position, and the 2-D attention mask grows with the cache, so a
@@ -13,11 +13,13 @@ Building blocks for other decoders (speculative decoding reuses them):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
+
+from efin.models.protocols import SubsetVocabularyLM
 
 
 @dataclass
@@ -108,9 +110,8 @@ def forward_step(
         logits_to_keep=logits_to_keep,
     )
     logits = out.logits
-    expand = getattr(llm, "expand_logits", None)
-    if expand is not None:
-        logits = expand(logits)
+    if isinstance(llm, SubsetVocabularyLM):
+        logits = llm.expand_logits(logits)
     return logits.float()
 
 

@@ -6,7 +6,7 @@ node) and the weights that rebuilding from that spec cannot reproduce:
   * adapter ``frozen``: none;
   * adapter ``lora``: the LoRA weights (``peft.get_peft_model_state_dict``);
   * adapter ``full``: the whole state dict;
-  * a draft (:class:`~efin.models.llm.SubsetHeadLM`) in addition keeps ``vocab_ids`` and the
+  * a draft (:class:`~efin.models.draft.SubsetHeadLM`) in addition keeps ``vocab_ids`` and the
     head rows they select: rebuilt without the training transcripts, a draft ranks its
     vocabulary differently.
 
@@ -15,12 +15,14 @@ Loading checks the expected keys of each part instead of loading with ``strict=F
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from efin.models.llm import ADAPTERS, SubsetHeadLM, apply_adapter
+from efin.models.draft import SubsetHeadLM
+from efin.models.llm import ADAPTERS, apply_adapter
 
 #: Builder keys that do not change which pretrained weights an LLM spec denotes.
 RUNTIME_KEYS = frozenset({"adapter", "lora", "texts", "gradient_checkpointing", "cache_dir", "attn_implementation", "dtype"})

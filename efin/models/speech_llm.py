@@ -1,5 +1,8 @@
 """SpeechLLM: encoder -> projector -> LLM, trained with an LM loss on the transcript tokens.
 
+Model code only: embedding speech, the prompt/embedding merge, the losses. Decoders (greedy,
+beam, rescoring, speculative) live in :mod:`efin.decoding` and take built models.
+
 The module receives built components (encoder, projector, LLM, tokenizer, prompt builder);
 which of them train is decided by whoever built them (``efin.models.llm.apply_adapter``,
 ``requires_grad_`` on the encoder) - not here.
@@ -13,8 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from efin.data.prompt import IGNORE_INDEX, LLMInputs, PromptBuilder
-from efin.decoding.llm_search import Hypothesis, beam_search, greedy_search, score_continuations
+from efin.models.prompt import IGNORE_INDEX, LLMInputs, PromptBuilder
+from efin.models.protocols import SubsetVocabularyLM, TokenCTC
 
 
 @dataclass
@@ -44,7 +47,7 @@ class SpeechLLM(nn.Module):
         frames_per_second: feature frames per second of audio (100 for 10 ms hops).
         tokens_per_second, extra_tokens: default generation limit per utterance,
             ``ceil(tokens_per_second * seconds + extra_tokens)`` tokens (end token included).
-        num_beams: default beam size for :meth:`generate` (1 = greedy).
+        num_beams: default beam size of :func:`efin.decoding.generate.decode` (1 = greedy).
         length_penalty: beam ranking ``log_prob / length ** length_penalty``.
     """
 
@@ -87,7 +90,7 @@ class SpeechLLM(nn.Module):
     @property
     def has_ctc(self) -> bool:
         """Whether the projector classifies audio into the LLM's tokens (:class:`TokenCTCProjector`)."""
-        return hasattr(self.projector, "token_logits")
+        return isinstance(self.projector, TokenCTC)
 
     def embed_speech(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, F), feat_lens (B,) -> speech embeddings (B, N, H) in the LLM's dtype, lens (B,)."""
@@ -124,13 +127,6 @@ class SpeechLLM(nn.Module):
         loss, n = self.lm_loss(inputs)
         return SpeechLLMOutput(loss, n, keep, ctc)
 
-    @torch.no_grad()
-    def ctc_transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
-        """The CTC projector's own greedy transcripts (no LLM): what the LLM is handed, as text."""
-        hidden, lens = self.encoder(feats, feat_lens)
-        tokens = self.projector.greedy_tokens(*self.projector.token_logits(hidden, lens))
-        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-
     def lm_loss(self, inputs: LLMInputs) -> tuple[torch.Tensor, int]:
         """Cross-entropy over label positions only: the output head, the costly part for a big
         vocabulary, runs on transcript positions and not on the prompt or audio."""
@@ -142,47 +138,13 @@ class SpeechLLM(nn.Module):
             use_cache=False,
         ).last_hidden_state
         labels = inputs.labels[:, 1:]
-        subset_labels = getattr(self.llm, "subset_labels", None)
-        if subset_labels is not None:  # a draft's head scores only its subset of the vocabulary
-            labels = subset_labels(labels)
+        if isinstance(self.llm, SubsetVocabularyLM):  # a draft's head scores only its subset of the vocabulary
+            labels = self.llm.subset_labels(labels)
         selected = labels != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][selected]).float()
         n = int(selected.sum())
         loss = F.cross_entropy(logits, labels[selected], reduction="sum") / max(n, 1)
         return loss, n
-
-    @torch.no_grad()
-    def score_transcripts(
-        self, speech: torch.Tensor, speech_lens: torch.Tensor, candidates: list[list[str]]
-    ) -> list[list[float]]:
-        """Log-probability (nats) of each candidate transcript given its audio: the sum over its
-        tokens and the end token (second-pass rescoring of another decoder's n-best). Each
-        utterance's prompt runs once; its candidates continue from its KV cache.
-
-        Args:
-            speech: (B, N, H) projected speech (:meth:`embed_speech`); speech_lens: (B,).
-            candidates: per utterance, the texts to score.
-
-        Returns:
-            per utterance, one score per candidate; ``-inf`` for a text the LLM cannot produce
-            (longer than the prompt's ``max_text_tokens``, or a token outside a draft's head).
-        """
-        targets, keep, rows = [], [], []
-        for b, texts in enumerate(candidates):
-            ids, fits = self.prompt.encode_transcripts(texts)
-            targets += ids
-            keep += fits.tolist()
-            rows += [b] * len(ids)
-        inputs = self.prompt.generation_inputs(self.llm.get_input_embeddings(), speech, speech_lens)
-        scores = score_continuations(
-            self.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, targets, torch.tensor(rows)
-        )
-        scores = torch.where(torch.tensor(keep), scores, torch.tensor(float("-inf"))).tolist()
-        out, start = [], 0
-        for texts in candidates:
-            out.append(scores[start : start + len(texts)])
-            start += len(texts)
-        return out
 
     # ------------------------------------------------------------------------------------------
 
@@ -195,39 +157,3 @@ class SpeechLLM(nn.Module):
         """Left-padded prompts with speech, ready for ``efin.decoding.llm_search`` (or speculative decoding)."""
         speech, lens = self.embed_speech(feats, feat_lens)
         return self.prompt.generation_inputs(self.llm.get_input_embeddings(), speech, lens)
-
-    @torch.no_grad()
-    def decode(
-        self,
-        feats: torch.Tensor,
-        feat_lens: torch.Tensor,
-        max_new_tokens: int | None = None,
-        num_beams: int | None = None,
-        length_penalty: float | None = None,
-    ) -> list[Hypothesis]:
-        """Token-level results (see :meth:`generate`)."""
-        num_beams = self.num_beams if num_beams is None else num_beams
-        length_penalty = self.length_penalty if length_penalty is None else length_penalty
-        limits = self.max_new_tokens_for(feat_lens) if max_new_tokens is None else max_new_tokens
-        inputs = self.generation_inputs(feats, feat_lens)
-        args = (self.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, self.prompt.stop_ids, limits)
-        if num_beams == 1:
-            return greedy_search(*args)
-        return beam_search(*args, num_beams=num_beams, length_penalty=length_penalty)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        feats: torch.Tensor,
-        feat_lens: torch.Tensor,
-        max_new_tokens: int | None = None,
-        num_beams: int | None = None,
-        length_penalty: float | None = None,
-    ) -> list[str]:
-        """Transcribe a batch: feats (B, T, F), feat_lens (B,) -> B strings.
-
-        ``max_new_tokens`` None derives a per-utterance limit from its duration
-        (:meth:`max_new_tokens_for`); ``num_beams`` 1 is greedy. Call in eval mode (dropout off).
-        """
-        hyps = self.decode(feats, feat_lens, max_new_tokens, num_beams, length_penalty)
-        return [self.tokenizer.decode(h.tokens, skip_special_tokens=True).strip() for h in hyps]

@@ -1,8 +1,7 @@
-"""Helpers shared by the stage modules: optimizer wiring, error-rate accumulation, result files."""
+"""Helpers shared by the stage modules: optimizer wiring, error-rate accumulation and logging."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,14 +9,18 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
-from efin.metrics import ErrorCounts
+from efin.results import score, write_results
 from efin.text import normalize
 
 
 def adamw_warmup_cosine(
-    module: LightningModule, params, lr: float, weight_decay: float, warmup_steps: int, min_lr_ratio: float
+    module: LightningModule, params, lr: float, weight_decay: float, warmup_steps: int, min_lr_ratio: float,
+    betas: tuple[float, float] = (0.9, 0.98), max_warmup_fraction: float = 0.25,
 ) -> dict:
     """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio`` over the whole run.
+
+    The stage files' ``optimizer`` node holds every argument after ``params`` (conf/stage/*.yaml);
+    the warm-up is capped at ``max_warmup_fraction`` of the run.
 
     ``params``: tensors, or param-group dicts ``{"params": [...], "lr": peak}`` (``lr`` defaults
     to ``lr``), e.g. an unfrozen encoder at a lower rate than the projector; every group follows
@@ -38,9 +41,9 @@ def adamw_warmup_cosine(
             {**extra, "params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
         ]
     groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     total = max(int(module.trainer.estimated_stepping_batches), 1)
-    warmup = min(warmup_steps, max(total // 4, 1))
+    warmup = min(warmup_steps, max(int(total * max_warmup_fraction), 1))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -98,33 +101,6 @@ def test_set_name(module: LightningModule, dataloader_idx: int) -> str:
     """Name of the test set behind ``dataloader_idx`` (the datamodule's ``test_names``)."""
     names = getattr(module.trainer.datamodule, "test_names", None) or ["test"]
     return names[dataloader_idx]
-
-
-def score(records: list[dict]) -> tuple[ErrorCounts, list[dict]]:
-    """Corpus counts plus the records annotated with per-utterance word/char edits."""
-    counts = ErrorCounts()
-    scored = []
-    for r in records:
-        w, c = counts.add(r["ref"], r["hyp"])
-        scored.append({**r, "word_errors": w, "ref_words": len(r["ref"].split()), "char_errors": c})
-    return counts, scored
-
-
-def write_results(out_dir: str | Path, split: str, records: list[dict]) -> dict:
-    """Write <out_dir>/<split>.hyps.jsonl (per utterance) and <split>.metrics.json; return metrics."""
-    counts, scored = score(records)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{split}.hyps.jsonl", "w") as f:
-        for r in scored:
-            f.write(json.dumps(r) + "\n")
-    metrics = {
-        "split": split, "utterances": counts.utterances, "wer": counts.wer, "cer": counts.cer,
-        "word_errors": counts.word_edits, "words": counts.words,
-        "char_errors": counts.char_edits, "chars": counts.chars,
-    }
-    (out_dir / f"{split}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
 
 
 def log_error_rates(module: LightningModule, transcripts: Transcripts, split: str, dataset: str) -> None:

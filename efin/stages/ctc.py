@@ -7,8 +7,10 @@ import logging
 import lightning.pytorch as pl
 
 from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder
+from efin.handoff import plain
 from efin.models.ctc import CTCModel
 from efin.models.encoder import Encoder
+from efin.models.protocols import CharacterVocabulary
 from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, test_set_name
 from efin.tokenizer import build_vocab, vocab_from_state
 
@@ -21,6 +23,9 @@ class CTCStage(pl.LightningModule):
     The CTC vocabulary and the feature statistics come from the training data, so the head is
     built in :meth:`setup`, once the datamodule has loaded its manifests.
 
+    ``optimizer``: :func:`~efin.stages.common.adamw_warmup_cosine` arguments (lr, betas, weight
+    decay, warm-up, final ratio; the stage file's ``optimizer`` node).
+
     ``lm`` (``{order, beam_size, lm_weight, word_score}``, or None for none): a word n-gram LM
     trained on the training transcripts, and their words as the lexicon, for a second decoding
     of dev and each test set by lexicon beam search next to greedy (``val/wer/dev_lm``, ``test/wer/<set>_lm``);
@@ -32,15 +37,14 @@ class CTCStage(pl.LightningModule):
         encoder: Encoder,
         vocab: str = "char",
         sentencepiece_size: int = 256,
-        lr: float = 2e-3,
-        weight_decay: float = 1e-3,
-        warmup_steps: int = 400,
-        min_lr_ratio: float = 0.02,
+        optimizer: dict | None = None,
         feature_stats_utterances: int = 500,
         lm: dict | None = None,
     ):
         super().__init__()
-        lm = None if lm is None else dict(lm)  # plain dict: checkpoints load with weights_only
+        # plain containers: checkpoints load with weights_only
+        lm = None if lm is None else dict(lm)
+        optimizer = plain(optimizer) if optimizer is not None else {"lr": 2e-3, "weight_decay": 1e-3, "warmup_steps": 400, "min_lr_ratio": 0.02}
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
         self.model: CTCModel | None = None
@@ -60,7 +64,7 @@ class CTCStage(pl.LightningModule):
         if stage == "fit":
             mean, std = dm.feature_stats(self.hparams.feature_stats_utterances)
             self.encoder.set_feature_stats(mean, std)
-            if self.hparams.lm is not None and hasattr(self.vocab, "symbols"):
+            if self.hparams.lm is not None and isinstance(self.vocab, CharacterVocabulary):
                 self.ctc_lm = build_ctc_lm(texts, **self.hparams.lm)
             elif self.hparams.lm is not None:
                 log.warning("no LM decoding: it needs stage.module.vocab=char (set stage.module.lm=null to silence)")
@@ -77,8 +81,7 @@ class CTCStage(pl.LightningModule):
         self._lm_decoder = None  # rebuilt from the restored LM on first use
 
     def configure_optimizers(self):
-        h = self.hparams
-        return adamw_warmup_cosine(self, self.parameters(), h.lr, h.weight_decay, h.warmup_steps, h.min_lr_ratio)
+        return adamw_warmup_cosine(self, self.parameters(), **self.hparams.optimizer)
 
     # ---- steps --------------------------------------------------------------------------
     def _forward(self, batch):

@@ -1,4 +1,5 @@
-"""Build LLM inputs from speech embeddings and transcripts.
+"""The prompt layout of a SpeechLLM: LLM inputs from speech embeddings and transcripts (model code:
+it embeds with the LLM's embedding layer and merges speech in, :func:`merge_speech`).
 
 One item is laid out as::
 
@@ -15,8 +16,8 @@ the padding, padding is masked out).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -180,10 +181,25 @@ class PromptBuilder:
                 labels[b, start + length - len(target) : start + length] = torch.tensor(target, dtype=torch.long)
 
         ids, labels, attention, speech_at = (t.to(device) for t in (ids, labels, attention, speech_at))
-        embeds = embed_tokens(ids)
-        valid = torch.arange(speech.shape[1], device=device)[None, :] < torch.tensor(speech_lens, device=device)[:, None]
-        placed = embeds.new_zeros(embeds.shape)
-        placed[speech_at] = speech[valid].to(embeds.dtype)
-        embeds = torch.where(speech_at.unsqueeze(-1), placed, embeds)
+        embeds = merge_speech(embed_tokens(ids), speech, torch.tensor(speech_lens, device=device), speech_at)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         return LLMInputs(embeds, attention, position_ids, None if left_pad else labels)
+
+
+def merge_speech(
+    token_embeds: torch.Tensor, speech: torch.Tensor, speech_lens: torch.Tensor, speech_at: torch.Tensor
+) -> torch.Tensor:
+    """Put speech embeddings into the placeholder positions of embedded prompts.
+
+    Args:
+        token_embeds: (B, L, H) the LLM's embeddings of the prompt ids (placeholders embedded as pad).
+        speech: (B, N, H) projected speech, any float dtype; speech_lens: (B,) valid positions of each row.
+        speech_at: (B, L) bool, True at each row's ``speech_lens[b]`` placeholder positions, in order.
+
+    Returns:
+        (B, L, H) in ``token_embeds``' dtype: speech at the placeholders, token embeddings elsewhere.
+    """
+    valid = torch.arange(speech.shape[1], device=speech.device)[None, :] < speech_lens[:, None]
+    placed = token_embeds.new_zeros(token_embeds.shape)
+    placed[speech_at] = speech[valid].to(token_embeds.dtype)
+    return torch.where(speech_at.unsqueeze(-1), placed, token_embeds)
