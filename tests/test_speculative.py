@@ -439,3 +439,23 @@ def test_config():
 def _target_no_ctc():
     llm, tok = build_tiny_llm()
     return SpeechLLM(LinearEncoder(), StackingMLPProjector(16, 64, stack=2, hidden_dim=32), llm, tok)
+
+
+def test_bench_script_tiny_smoke(tmp_path):
+    """scripts/bench_specdec.py --tiny runs every row on tiny random models; every row is
+    identical to AR and the one-pass bound takes one target forward per utterance."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_specdec.py"
+    spec = importlib.util.spec_from_file_location("bench_specdec", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    results = bench.main(["--tiny", "--threads", "1", "--ks", "4", "--out", str(out)])
+    rows = results["sets"]["tiny"]
+    assert {"ar", "sd_k4", "adaptive", "recycle", "specasr", "ctc", "ctc_recycle", "ctc_tree", "bound"} <= set(rows)
+    assert all(r["identical_to_ar"] == 1.0 for r in rows.values())
+    assert rows["bound"]["target_forwards_per_utt"] == 1.0
+    assert rows["ar"]["mean_accepted_length"] == 1.0
+    assert out.exists()
