@@ -436,6 +436,15 @@ def test_config():
         make_drafter(_target_no_ctc(), "ctc")
 
 
+def test_decoder_from_config(target, draft):
+    dec = SpeculativeDecoder.from_config(target, {"draft": "ctc", "max_draft": 12, "adaptive": True})
+    assert dec.drafter.name == "ctc" and dec.drafter.policy.max_draft == 12 and dec.drafter.policy.adaptive
+    dec = SpeculativeDecoder.from_config(target, SpeculativeConfig(draft="llm_tiny_draft", recycle=True), draft=draft)
+    assert isinstance(dec.drafter, SpeechLLMDrafter) and dec.drafter.policy.recycle
+    with pytest.raises(ValueError):
+        SpeculativeDecoder.from_config(target, {"draft": "llm_tiny_draft"})
+
+
 def _target_no_ctc():
     llm, tok = build_tiny_llm()
     return SpeechLLM(LinearEncoder(), StackingMLPProjector(16, 64, stack=2, hidden_dim=32), llm, tok)

@@ -181,6 +181,21 @@ class SpeculativeDecoder:
         self.drafter = drafter or NoDrafter()
         self.stats: list[UtteranceStats] = []
 
+    @classmethod
+    def from_config(cls, target, config: SpeculativeConfig | dict, draft=None) -> "SpeculativeDecoder":
+        """Build from ``decode.speculative`` (a :class:`SpeculativeConfig` or its fields as a
+        mapping). ``config.draft`` ``"ctc"`` / ``"none"`` need nothing more; any other value
+        names a draft stage run, which the caller builds and passes as ``draft`` (a SpeechLLM)."""
+        if not isinstance(config, SpeculativeConfig):
+            config = SpeculativeConfig(**dict(config))
+        if config.draft in ("ctc", "none"):
+            if draft is not None:
+                raise ValueError(f"draft={config.draft!r} takes no draft model")
+            return cls(target, make_drafter(target, config.draft, config.policy))
+        if draft is None:
+            raise ValueError(f"draft {config.draft!r} names a draft model: build it and pass draft=")
+        return cls(target, make_drafter(target, draft, config.policy))
+
     # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
