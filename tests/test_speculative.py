@@ -279,7 +279,7 @@ def _corrupt(seq, kind):
     if kind == "wrong":
         return [t + 1 if t < 90 else t - 1 for t in seq]
     if kind == "substitute":
-        return [t + 1 if i % 4 == 2 else t for i, t in enumerate(seq)]
+        return [(t + 1 if t < 90 else t - 1) if i % 4 == 2 else t for i, t in enumerate(seq)]
     if kind == "delete":  # the draft misses tokens
         return [t for i, t in enumerate(seq) if i % 5 != 3]
     if kind == "insert":  # the draft has extra tokens

@@ -325,14 +325,28 @@ class DraftSequence:
     alternatives: list[list[tuple[int, float]]]
 
 
+def _suffix_edit_cost(a: Sequence[int], b: Sequence[int]) -> int:
+    """Edit distance between ``a`` and the best-matching suffix of ``b`` (free start in b)."""
+    prev = [0] * (len(b) + 1)  # an empty prefix of a costs nothing wherever it starts in b
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
 class SequenceDrafter(Drafter):
     """Drafts chunks of one whole-utterance token sequence (batch size 1).
 
     The sequence is aligned to the committed tokens: ``_pos`` is the sequence index expected
     after ``committed[:_base]``. While the target agrees the pointer advances; after a mismatch
-    the rest of the sequence is realigned (``recycle``: the longest suffix of the committed
-    tokens, at most ``recycle_window`` + 1 long, found in the sequence near where it was
-    expected; otherwise, or without ``recycle``, a one-for-one substitution is assumed).
+    the rest of the sequence is realigned. Without ``recycle`` a one-for-one substitution is
+    assumed; with it, the resume point within ``recycle_window`` of that guess whose preceding
+    tokens best explain the last ``recycle_window + 1`` committed tokens (edit distance) wins;
+    ties go to a point right after the last committed token, then to the substitution guess. Right after a single mismatch substitution,
+    insertion and deletion often explain it equally well; with ``tree`` the two runner-up
+    resume points are verified as extra branches in the same target forward.
     A chunk is at most ``max_draft`` tokens, cut after the first token with confidence below
     ``threshold`` when ``adaptive``; with ``tree``, low-confidence tokens get their alternatives
     (each followed by the rest of the chunk) and a *skip* branch (the token was spurious).
@@ -349,6 +363,7 @@ class SequenceDrafter(Drafter):
         self.seq: DraftSequence = DraftSequence([], [], [])
         self._pos = 0
         self._base = 0
+        self._others: list[int] = []
 
     def sequence(self, ctx: UtteranceContext) -> DraftSequence:
         if self._sequence_fn is None:
@@ -362,40 +377,39 @@ class SequenceDrafter(Drafter):
     def begin(self, ctx: UtteranceContext) -> None:
         t0 = time.perf_counter()
         self.seq = self.sequence(ctx)
-        self._pos, self._base = 0, 0
+        self._pos, self._base, self._others = 0, 0, []
         self._stops = set(ctx.stop_ids)
         self.seconds += time.perf_counter() - t0
 
     def _align(self, committed: Sequence[int]) -> None:
-        """Move the pointer past what the target committed since the last proposal."""
+        """Move the pointer past what the target committed since the last proposal; after a
+        mismatch, rank the places the rest of the sequence may resume (``self._others``)."""
         seq = self.seq.tokens
         new = list(committed[self._base :])
         m = _common_prefix(new, seq[self._pos :])
+        self._others = []
         if m == len(new):
             self._pos += m
             self._base = len(committed)
             return
-        expected = self._pos + len(new)  # one-for-one substitution of the mismatched tokens
-        self._pos = min(expected, len(seq))
+        expected = min(self._pos + len(new), len(seq))  # one-for-one substitution
+        lo = self._pos + m
         self._base = len(committed)
+        self._pos = expected
         if not self.policy.recycle:
             return
-        # Realign: the sequence index q after the longest suffix of `committed` that occurs in
-        # the sequence ending near where it was expected (closest wins among equally long).
-        window = self.policy.recycle_window
-        lo, hi = max(0, self._pos + m - window), min(len(seq), expected + window)
-        best = None  # (suffix length, -distance, q)
-        for q in range(lo + 1, hi + 1):
-            s = 0
-            while s < min(q, len(committed), window + 1) and seq[q - 1 - s] == committed[len(committed) - 1 - s]:
-                s += 1
-            if s == 0:
-                continue
-            key = (s, -abs(q - expected), q)
-            if best is None or key > best:
-                best = key
-        if best is not None:
-            self._pos = best[2]
+        # Realign: the resume point q whose preceding tokens best explain the last committed
+        # tokens (edit distance, free start); ties go to the substitution guess, then nearer.
+        w = self.policy.recycle_window
+        tail = list(committed[-(w + 1) :])
+        ranked = []
+        for q in range(max(0, lo - w), min(len(seq), expected + w) + 1):
+            cost = _suffix_edit_cost(tail, seq[max(0, q - len(tail) - w) : q])
+            ends_alike = q > 0 and seq[q - 1] == tail[-1]  # local evidence: the same last token
+            ranked.append((cost, not ends_alike, abs(q - expected), q))
+        ranked.sort()
+        self._pos = ranked[0][-1]
+        self._others = [r[-1] for r in ranked[1:3]]
 
     def propose(self, committed: Sequence[int], depth: int) -> TokenTree:
         t0 = time.perf_counter()
@@ -421,6 +435,16 @@ class SequenceDrafter(Drafter):
                 tail = seq.tokens[self._pos + i + 1 : self._pos + depth + 1][: min(room, depth - i)]
                 if tail and tail[0] != chunk[i]:
                     tree.add_branch(tail, ROOT if i == 0 else i - 1)
+        if policy.tree and self._others:
+            # After a mismatch the resume point is a guess: the runners-up are verified too.
+            firsts = {t for t, p in zip(tree.tokens, tree.parents) if p == ROOT}
+            for q in self._others:
+                room = min(policy.tree_budget - len(tree), depth)
+                branch = self.seq.tokens[q : q + room]
+                if room <= 0 or not branch or branch[0] in firsts:
+                    continue
+                firsts.add(branch[0])
+                tree.add_branch(branch, ROOT, self.seq.confidence[q : q + len(branch)])
         self.seconds += time.perf_counter() - t0
         return tree
 
