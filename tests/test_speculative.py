@@ -468,3 +468,12 @@ def test_bench_script_tiny_smoke(tmp_path):
     assert rows["bound"]["target_forwards_per_utt"] == 1.0
     assert rows["ar"]["mean_accepted_length"] == 1.0
     assert out.exists()
+
+
+def test_suffix_edit_cost():
+    from efin.decoding.drafters import _suffix_edit_cost
+
+    assert _suffix_edit_cost([1, 2], [9, 9, 1, 2]) == 0  # free start in the sequence
+    assert _suffix_edit_cost([1, 5], [9, 1, 2]) == 1  # substitution
+    assert _suffix_edit_cost([1, 2, 3], [1, 3]) == 1  # the sequence lacks a token
+    assert _suffix_edit_cost([1, 3], [1, 2]) == 1  # must end where the sequence ends

@@ -399,7 +399,8 @@ class SequenceDrafter(Drafter):
         if not self.policy.recycle:
             return
         # Realign: the resume point q whose preceding tokens best explain the last committed
-        # tokens (edit distance, free start); ties go to the substitution guess, then nearer.
+        # tokens (edit distance, free start); ties go to a point whose token before it is the
+        # last committed one, then to the one nearest the substitution guess.
         w = self.policy.recycle_window
         tail = list(committed[-(w + 1) :])
         ranked = []
