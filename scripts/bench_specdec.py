@@ -59,7 +59,7 @@ def rows_for(args, target, draft) -> dict[str, tuple[object, DraftPolicy]]:
         rows["recycle"] = (draft, DraftPolicy(**adaptive, recycle=True))
         rows["specasr"] = (draft, DraftPolicy(**adaptive, recycle=True, tree=True, tree_threshold=args.tree_threshold,
                                               tree_top_k=args.tree_top_k, tree_budget=args.tree_budget))
-    if getattr(target, "has_ctc", False):
+    if target.has_ctc:
         whole = max(args.ctc_max_draft, 1)
         rows["ctc"] = ("ctc", DraftPolicy(max_draft=whole))
         conf = dict(max_draft=whole, adaptive=True, threshold=args.ctc_threshold)
@@ -87,9 +87,9 @@ def run(target, draft, utterances, args) -> dict:
     stats = {name: [] for name in rows}
     tokens = {name: [] for name in rows}
     texts = {name: [] for name in rows}
-    wall = {name: 0.0 for name in rows}
+    wall = dict.fromkeys(rows, 0.0)
     refs = []
-    for utt_id, feats, ref in utterances:
+    for _utt_id, feats, ref in utterances:
         refs.append(ref)
         lens = torch.tensor([feats.shape[0]])
         feats = feats[None]
@@ -167,8 +167,9 @@ def manifest_utterances(path: str, featurizer, limit: int):
 
 def tiny_models(seed: int = 0):
     """Random tiny target (CTC projector) and draft, as the tests build them; no download."""
+    from efin.models.draft import build_draft_llm
     from efin.models.encoder import Encoder
-    from efin.models.llm import build_draft_llm, build_tiny_llm
+    from efin.models.llm import build_tiny_llm
     from efin.models.projector import StackingMLPProjector, TokenCTCProjector
     from efin.models.speech_llm import SpeechLLM
 
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    results = {"config": {k: v for k, v in vars(args).items()}, "machine": platform.platform(), "sets": {}}
+    results = {"config": dict(vars(args).items()), "machine": platform.platform(), "sets": {}}
     with torch.inference_mode():
         if args.tiny:
             target, draft = tiny_models()

@@ -19,7 +19,7 @@ def test_installed_pair_loads_and_is_the_tested_one():
 
     assert torch.__version__.split("+")[0] == TESTED_TORCH
     assert torchaudio.__version__.split("+")[0] == TESTED_TORCHAUDIO
-    assert FIX_COMMAND == f"pip install torch=={TESTED_TORCH} torchaudio=={TESTED_TORCHAUDIO}"
+    assert f"pip install torch=={TESTED_TORCH} torchaudio=={TESTED_TORCHAUDIO}" == FIX_COMMAND
 
 
 def _fake_torchaudio(root: Path, version: str, body: str) -> Path:

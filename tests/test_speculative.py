@@ -11,12 +11,13 @@ from transformers import DynamicCache
 from efin.decoding.drafters import (
     DraftPolicy,
     DraftSequence,
-    UtteranceContext,
     SequenceDrafter,
     SpeechLLMDrafter,
+    UtteranceContext,
     ctc_draft_sequence,
     rollback,
 )
+from efin.decoding.generate import decode as llm_decode
 from efin.decoding.llm_search import extend, prefill
 from efin.decoding.speculative import (
     SpeculativeConfig,
@@ -27,7 +28,8 @@ from efin.decoding.speculative import (
     verify,
 )
 from efin.decoding.tree import ROOT, TokenTree, greedy_accept, tree_attention_mask, tree_position_ids
-from efin.models.llm import build_draft_llm, build_tiny_llm
+from efin.models.draft import build_draft_llm
+from efin.models.llm import build_tiny_llm
 from efin.models.projector import StackingMLPProjector, TokenCTCProjector
 from efin.models.speech_llm import SpeechLLM
 from tests.conftest import LinearEncoder
@@ -96,7 +98,7 @@ def batch():
 @pytest.fixture(scope="module")
 def greedy(target, batch):
     feats, lens = batch
-    hyps = target.decode(feats, lens, max_new_tokens=MAX_NEW)
+    hyps = llm_decode(target, feats, lens, max_new_tokens=MAX_NEW)
     # not trivial: some utterances stop on the end token, others run to the limit
     assert {h.stop_token is None for h in hyps} == {True, False}
     return hyps
@@ -263,11 +265,11 @@ def test_autoregressive_baseline_in_the_same_harness(target, batch, greedy):
 
 def test_default_length_limits_match_greedy(target, batch, greedy):
     feats, lens = batch
-    ref = target.decode(feats, lens)  # max_new_tokens_for
+    ref = llm_decode(target, feats, lens)  # max_new_tokens_for
     dec = SpeculativeDecoder(target, make_drafter(target, "ctc", DraftPolicy(max_draft=8, recycle=True)))
     _check(dec, dec.decode(feats, lens), ref)
     for limit in (0, 1, 2):
-        ref = target.decode(feats, lens, max_new_tokens=limit)
+        ref = llm_decode(target, feats, lens, max_new_tokens=limit)
         dec = SpeculativeDecoder(target, SequenceDrafter(DraftPolicy(max_draft=8), _feeder(_full(h) for h in greedy)))
         _check(dec, dec.decode(feats, lens, max_new_tokens=limit), ref)
 

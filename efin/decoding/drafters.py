@@ -29,13 +29,14 @@ that ``decode.speculative`` exposes in YAML.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
 from efin.decoding.llm_search import DecodeState, extend, prefill
 from efin.decoding.tree import ROOT, TokenTree
+from efin.models.protocols import TokenCTC
 
 
 @dataclass
@@ -463,7 +464,7 @@ class CTCDrafter(SequenceDrafter):
 
     def __init__(self, projector, policy: DraftPolicy | None = None, alternatives: int = 2):
         super().__init__(policy)
-        if not hasattr(projector, "token_logits"):
+        if not isinstance(projector, TokenCTC):
             raise ValueError("the CTC drafter needs a projector with a CTC head (TokenCTCProjector)")
         self.projector = projector
         self.num_alternatives = alternatives

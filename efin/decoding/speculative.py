@@ -24,15 +24,15 @@ follow transformers' keyword changes).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Sequence
 
 import torch
 
 from efin.decoding.drafters import (
     CTCDrafter,
-    DraftPolicy,
     Drafter,
+    DraftPolicy,
     NoDrafter,
     SpeechLLMDrafter,
     UtteranceContext,
@@ -148,7 +148,7 @@ def make_drafter(target, draft, policy: DraftPolicy | None = None) -> Drafter:
     if draft is None or draft == "none":
         return NoDrafter(policy)
     if draft == "ctc":
-        if not getattr(target, "has_ctc", False):
+        if not target.has_ctc:
             raise ValueError("draft='ctc' needs a target whose projector has a CTC head (projector=ctc)")
         return CTCDrafter(target.projector, policy)
     if isinstance(draft, str):
@@ -182,7 +182,7 @@ class SpeculativeDecoder:
         self.stats: list[UtteranceStats] = []
 
     @classmethod
-    def from_config(cls, target, config: SpeculativeConfig | dict, draft=None) -> "SpeculativeDecoder":
+    def from_config(cls, target, config: SpeculativeConfig | dict, draft=None) -> SpeculativeDecoder:
         """Build from ``decode.speculative`` (a :class:`SpeculativeConfig` or its fields as a
         mapping). ``config.draft`` ``"ctc"`` / ``"none"`` need nothing more; any other value
         names a draft stage run, which the caller builds and passes as ``draft`` (a SpeechLLM)."""

@@ -16,8 +16,8 @@ one is silently wrong under eager attention. FlashAttention-2 cannot take it (us
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ class TokenTree:
     probs: list[float] = field(default_factory=list)
 
     @classmethod
-    def chain(cls, tokens: Sequence[int], probs: Sequence[float] | None = None) -> "TokenTree":
+    def chain(cls, tokens: Sequence[int], probs: Sequence[float] | None = None) -> TokenTree:
         """A linear draft: node i is the parent of node i + 1."""
         tokens = [int(t) for t in tokens]
         probs = [1.0] * len(tokens) if probs is None else [float(p) for p in probs]
