@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
 
     manifest = Path(args.manifest)
     if not manifest.exists():
-        from efin.data.corpus import ensure_synthetic_corpus
+        from efin.data.synthetic.corpus import ensure_synthetic_corpus
 
         print(f"{manifest} not found: generating the synthetic corpus under {manifest.parent}", flush=True)
         manifest = ensure_synthetic_corpus(manifest.parent)["train"]

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import soundfile
 
-from efin.data import corpus as corpus_mod
-from efin.data.corpus import DEFAULT_TEST_VARIANTS, CorpusError, ensure_synthetic_corpus, main
 from efin.data.manifest import load_manifest
+from efin.data.synthetic import corpus as synthetic_corpus
+from efin.data.synthetic import sentences as sentences_mod
+from efin.data.synthetic import speech as speech_mod
+from efin.data.synthetic.common import CorpusError
+from efin.data.synthetic.corpus import DEFAULT_TEST_VARIANTS, ensure_synthetic_corpus, main
 from efin.text import normalize
 
 TINY = dict(num_train=12, num_dev=3, num_test=3, num_test_voices=3, seed=1234)
@@ -107,7 +110,7 @@ def test_changed_params_or_interrupted_run_regenerate(tiny, tmp_path, caplog):
     src, _ = tiny
     root = tmp_path / "copy"
     shutil.copytree(src, root)
-    with caplog.at_level(logging.WARNING, logger="efin.data.corpus"):
+    with caplog.at_level(logging.WARNING, logger="efin.data.synthetic.corpus"):
         paths = ensure_synthetic_corpus(root, **dict(TINY, num_train=10))
     assert "differ" in caplog.text
     assert len(load_manifest(paths["train"])) == 10
@@ -119,7 +122,7 @@ def test_changed_params_or_interrupted_run_regenerate(tiny, tmp_path, caplog):
     # An interrupted generation leaves no corpus.json: the next call starts over.
     (root / "corpus.json").unlink()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="efin.data.corpus"):
+    with caplog.at_level(logging.WARNING, logger="efin.data.synthetic.corpus"):
         ensure_synthetic_corpus(root, **TINY)
     assert "incomplete" in caplog.text
     for split in ("train", "test"):
@@ -147,7 +150,7 @@ def test_unknown_voices_and_no_training_voice_are_errors(tmp_path):
 
 
 def test_single_voice_can_be_held_out(tmp_path):
-    train, test, _ = corpus_mod._voice_sets(["en-us", "en-029"], ["m1", "f4"], ["en-us+f4"])
+    train, test, _ = speech_mod.voice_sets(["en-us", "en-029"], ["m1", "f4"], ["en-us+f4"])
     assert test == ["en-us+f4"] and "en-us+f4" not in train and len(train) == 3
 
 
@@ -181,7 +184,7 @@ TOY_CHAIN = {
 
 
 def test_sentence_walk_is_seeded_clean_deduplicated_and_prefix_stable():
-    walk = corpus_mod._walk_sentences
+    walk = sentences_mod._walk_sentences
     five = walk(TOY_CHAIN, 7, 5, min_words=2, max_words=8, max_word_chars=14)
     assert five == walk(TOY_CHAIN, 7, 5, 2, 8, 14)
     assert walk(TOY_CHAIN, 7, 6, 2, 8, 14)[:5] == five  # a cached longer list answers shorter requests
@@ -210,7 +213,7 @@ def test_sentence_walk_is_seeded_clean_deduplicated_and_prefix_stable():
     ],
 )
 def test_sentence_filter(sentence, ok):
-    assert corpus_mod._is_clean(sentence.split(), 4, 14, 14) is ok
+    assert sentences_mod._is_clean(sentence.split(), 4, 14, 14) is ok
 
 
 def test_cli_reports_existing_corpus(tiny, capsys):
@@ -222,7 +225,7 @@ def test_cli_reports_existing_corpus(tiny, capsys):
 
 @pytest.mark.slow
 def test_worker_processes_give_identical_output(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus_mod, "_CHUNK", 5)  # several chunks even for the tiny corpus
+    monkeypatch.setattr(synthetic_corpus, "_CHUNK", 5)  # several chunks even for the tiny corpus
     one = ensure_synthetic_corpus(tmp_path / "one", **TINY)
     two = ensure_synthetic_corpus(tmp_path / "two", **TINY, num_workers=2)
     for split in one:
@@ -231,10 +234,10 @@ def test_worker_processes_give_identical_output(tmp_path, monkeypatch):
 
 
 def test_vocab_size_restricts_sentences_to_frequent_words():
-    with open(corpus_mod._markov_model_path(), encoding="utf-8") as f:
+    with open(sentences_mod._markov_model_path(), encoding="utf-8") as f:
         chain = json.load(f)
-    frequent = corpus_mod._frequent_words(chain, 2000)
+    frequent = sentences_mod._frequent_words(chain, 2000)
     assert len(frequent) == 2000 and {"the", "of", "and"} <= frequent
-    sentences = corpus_mod._walk_sentences(chain, seed=7, n=20, min_words=4, max_words=14, max_word_chars=14, vocab=frequent)
+    sentences = sentences_mod._walk_sentences(chain, seed=7, n=20, min_words=4, max_words=14, max_word_chars=14, vocab=frequent)
     assert len(sentences) == 20
     assert all(w in frequent for s in sentences for w in normalize(s).split())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jiwer
 import pytest
 from omegaconf import open_dict
 
@@ -30,7 +31,16 @@ def test_reports_dev_and_test_error_rates(encoder_run):
     for key in ("val/wer/dev", "val/cer/dev", "test/wer/test", "test/cer/test", "train/loss",
                 "val/wer/dev_lm", "test/wer/test_lm", "test/cer/test_lm"):
         assert key in metrics
-    assert 0.0 <= metrics["test/cer/test"] <= 1.5
+    # The logged error rates are the corpus rates of the transcripts the stage wrote, recomputed
+    # here independently (jiwer), over every test utterance exactly once.
+    cfg, _ = encoder_run
+    expected_ids = {json.loads(line)["id"] for line in Path(cfg.data.test).read_text().splitlines()}
+    for split, metric in (("test", "test/cer/test"), ("test_lm", "test/cer/test_lm")):
+        rows = [json.loads(line) for line in (Path(cfg.paths.output_dir) / f"decode/{split}.hyps.jsonl").open()]
+        assert sorted(r["id"] for r in rows) == sorted(expected_ids)
+        refs, hyps = [r["ref"] for r in rows], [r["hyp"] for r in rows]
+        assert metrics[metric] == pytest.approx(jiwer.cer(refs, hyps))
+        assert metrics[metric.replace("cer", "wer")] == pytest.approx(jiwer.wer(refs, hyps))
 
 
 def test_artifact_round_trip_reproduces_test_transcripts(encoder_run, tmp_path):

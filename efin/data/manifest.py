@@ -43,7 +43,7 @@ MAX_REPORTED = 50
 
 _PREPARE_HINT = (
     "create it with `python scripts/prepare_librispeech.py --src DIR --out {path}`, "
-    "generate the built-in synthetic corpus with `python -m efin.data.corpus --root DIR`, "
+    "generate the built-in synthetic corpus with `python -m efin.data.synthetic --root DIR`, "
     "or point the data config at an existing manifest"
 )
 

@@ -20,42 +20,33 @@ The four splits have disjoint sentences:
 * ``test``: an unseen accent (by default the whole of Scottish English), a harder test of
   generalisation to a new speaker population.
 
-Run as ``python -m efin.data.corpus --root data/synthetic`` to generate ahead of training.
+Run as ``python -m efin.data.synthetic --root data/synthetic`` to generate ahead of training.
 """
+
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import collections
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from efin.data.manifest import Utterance, write_manifest
+from efin.data.synthetic.common import FORMAT_VERSION, SPLITS, CorpusError
+from efin.data.synthetic.sentences import generate_sentences
+from efin.data.synthetic.speech import Job, render_chunk, voice_sets
 from efin.text import normalize
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "dev", "test", "test_voices")
-# Bump when the generation algorithm changes in a way that changes the output, so existing
-# corpora with otherwise equal parameters are regenerated instead of silently reused.
-FORMAT_VERSION = 1
-ESPEAK_SAMPLE_RATE = 22050  # what libespeak-ng produces with its own voices
 
 # eSpeak NG English accents (language voices). "en" is British English; the others are named
 # by their eSpeak identifiers. en-Shaw (Shavian script) is left out on purpose.
@@ -94,372 +85,13 @@ _CHUNK = 200
 _LOG_EVERY = 500
 
 
-class CorpusError(RuntimeError):
-    """The corpus cannot be generated with the given parameters or root."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Sentences
-
-
-def _markov_model_path() -> Path:
-    import essential_generators
-
-    return Path(essential_generators.__file__).parent / "markov_textgen.json"
-
-
-_TOKEN = re.compile(r"^[A-Za-z]+(?:'[A-Za-z]+)?,?$")
-
-
-def _is_clean(words: list[str], min_words: int, max_words: int, max_word_chars: int) -> bool:
-    """A sentence eSpeak reads as plain words: letters, apostrophes, commas, one final period.
-
-    Digits, symbols, acronyms and single capital letters are rejected because eSpeak spells
-    or expands them ("NATO" -> "N A T O", "1990" -> "nineteen ninety"), so the audio would not
-    match the transcript.
-    """
-    if not (min_words <= len(words) <= max_words):
-        return False
-    last = words[-1]
-    if not last.endswith(".") or last.endswith(",."):
-        return False
-    words = words[:-1] + [last[:-1]]
-    if not words[0][:1].isupper():
-        return False
-    for w in words:
-        if not _TOKEN.match(w):
-            return False
-        core = w.rstrip(",")
-        if len(core) > max_word_chars:
-            return False
-        if len(core) == 1 and core not in ("a", "A", "I"):
-            return False
-        if any(c.isupper() for c in core[1:]):  # "NATO", "McDonald", "iPhone"
-            return False
-    return True
-
-
-def _frequent_words(chain: dict, size: int) -> set[str]:
-    """The ``size`` most frequent normalised words of the chain (counts from its bigram totals)."""
-    counts: collections.Counter[str] = collections.Counter()
-    for node in chain.values():
-        left = normalize(node.get("left", ""))
-        if left and " " not in left:
-            counts[left] += node.get("total", 1)
-    return {w for w, _ in counts.most_common(size)}
-
-
-def _walk_sentences(
-    chain: dict, seed: int, n: int, min_words: int, max_words: int, max_word_chars: int,
-    max_steps: int | None = None, vocab: set[str] | None = None,
-) -> list[str]:
-    """Drive the trigram chain with our own RNG and keep the first n distinct clean sentences.
-
-    With ``vocab``, a sentence is kept only when every word is in it (a closed vocabulary of
-    frequent words: enough words for real variety, few enough to be learnt from hours of audio).
-
-    A sentence starts right after a word ending in "." and ends at the next such word, so it
-    begins where the Wikipedia text began sentences. Dedup is on the normalised text, so two
-    sentences that differ only in punctuation cannot land in different splits.
-    """
-    rng = random.Random(seed)
-    keys = list(chain)  # file order: deterministic for a given package version
-    out: list[str] = []
-    seen: set[str] = set()
-    budget = max_steps or 4000 * n + 1_000_000  # ~110 steps per kept sentence without vocab, ~700 with 5k words
-    state = rng.choice(keys)
-    sentence: list[str] | None = None  # None: wait for the next sentence boundary
-    while len(out) < n:
-        budget -= 1
-        if budget < 0:
-            raise CorpusError(
-                f"found only {len(out)} of {n} clean sentences with {min_words}-{max_words} words; "
-                "widen min_words/max_words or ask for fewer utterances"
-            )
-        node = chain.get(state)
-        transitions = node.get("transitions") if node else None
-        if not transitions:
-            state, sentence = rng.choice(keys), None  # dead end: jump, drop the partial sentence
-            continue
-        word = rng.choices(transitions, weights=node["weights"])[0]
-        state = f"{node['right']} {word}"
-        if sentence is not None:
-            sentence.append(word)
-            if len(sentence) > max_words:
-                sentence = None
-        if word.endswith("."):
-            if sentence and _is_clean(sentence, min_words, max_words, max_word_chars):
-                text = " ".join(sentence)
-                key = normalize(text)
-                if key not in seen and (vocab is None or all(w in vocab for w in key.split())):
-                    seen.add(key)
-                    out.append(text)
-            sentence = []
-    return out
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("EFIN_CACHE_DIR"):
-        return Path(os.environ["EFIN_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "efin"
-
-
-def generate_sentences(
-    n: int, seed: int = 1234, min_words: int = 4, max_words: int = 14, max_word_chars: int = 14,
-    vocab_size: int | None = None,
-) -> list[str]:
-    """The first n distinct clean sentences of the seeded Markov walk.
-
-    ``vocab_size`` keeps only sentences made of the chain's ``vocab_size`` most frequent words.
-
-    Loading the 46 MB chain takes seconds, so the result is cached on disk (``$EFIN_CACHE_DIR``
-    or ``~/.cache/efin``). The walk is a stream, so a cached longer list answers any shorter
-    request with the same prefix.
-    """
-    model = _markov_model_path()
-    key = f"v{FORMAT_VERSION}-s{seed}-w{min_words}-{max_words}-c{max_word_chars}-V{vocab_size}-m{model.stat().st_size}"
-    cache = _cache_dir() / f"sentences-{key}.json"
-    with contextlib.suppress(OSError, ValueError):
-        cached = json.loads(cache.read_text(encoding="utf-8"))
-        if len(cached) >= n:
-            return cached[:n]
-    t0 = time.perf_counter()
-    with open(model, encoding="utf-8") as f:
-        chain = json.load(f)
-    vocab = _frequent_words(chain, vocab_size) if vocab_size else None
-    sentences = _walk_sentences(chain, seed, n, min_words, max_words, max_word_chars, vocab=vocab)
-    del chain
-    log.info("generated %d sentences in %.1f s", n, time.perf_counter() - t0)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sentences), encoding="utf-8")
-        os.replace(tmp, cache)
-    except OSError as err:  # a read-only home must not stop generation
-        log.debug("sentence cache not written (%s)", err)
-    return sentences
-
-
-# ----------------------------------------------------------------------------------------------
-# Speech
-
-
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-_AUDIO_OUTPUT_SYNCHRONOUS = 2
-_ESPEAK_RATE, _ESPEAK_PITCH = 1, 3
-
-
-_LIB_DIR: str | None = None  # per-process directory of library copies, removed at exit
-_LIB_COUNT = 0
-_LIB_HANDLES: set[int] = set()
-
-
-class _ESpeak:
-    """A private instance of libespeak-ng, loaded from its own copy of the shared library.
-
-    eSpeak keeps synthesis state in C statics that no API resets (the pitch-flutter phase runs
-    on across utterances), so the same call gives different samples depending on what the
-    process said before. Loading a fresh copy per chunk of utterances (dlopen treats a copy as a
-    new library) makes each chunk's audio a function of its inputs alone. Variants with breath
-    noise stay random: eSpeak draws it from libc rand(), and even srand() before each utterance
-    did not make it repeatable (measured), so the default variants leave them out.
-    """
-
-    def __init__(self):
-        import espeakng_loader
-
-        src = espeakng_loader.get_library_path()
-        global _LIB_DIR, _LIB_COUNT
-        if _LIB_DIR is None:
-            _LIB_DIR = tempfile.mkdtemp(prefix="efin-espeak-")
-            atexit.register(shutil.rmtree, _LIB_DIR, True)
-        _LIB_COUNT += 1
-        # The copy must outlive the handle: the loader recognises an already-loaded library by
-        # inode too, and a deleted file's inode can be reused by the next copy.
-        copy = os.path.join(_LIB_DIR, f"espeak-{_LIB_COUNT}{Path(src).suffix}")
-        shutil.copyfile(src, copy)
-        lib = ctypes.CDLL(copy)  # RTLD_LOCAL: its symbols do not clash with other copies
-        if lib._handle in _LIB_HANDLES:
-            raise CorpusError(f"dlopen returned an already loaded eSpeak library for {copy}")
-        _LIB_HANDLES.add(lib._handle)
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
-        ]  # fmt: skip
-        lib.espeak_Info.restype = ctypes.c_char_p
-        lib.espeak_Info.argtypes = [ctypes.c_void_p]
-        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
-        if rate != ESPEAK_SAMPLE_RATE:
-            raise CorpusError(f"espeak_Initialize returned {rate}, expected {ESPEAK_SAMPLE_RATE} Hz")
-        self._chunks: list[np.ndarray] = []
-
-        def collect(wav, n, _events):
-            if n > 0:
-                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-            return 0  # 0 = keep synthesising
-
-        self._callback = _SYNTH_CALLBACK(collect)  # keep a reference: C holds only the pointer
-        lib.espeak_SetSynthCallback(self._callback)
-        self._lib = lib
-        self.version = lib.espeak_Info(None).decode()
-
-    def has_language(self, name: str) -> bool:
-        return self._lib.espeak_SetVoiceByName(name.encode()) == 0
-
-    def synth(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """Speak ``text``; returns (T,) int16 PCM at 22,050 Hz. rate in words/min, pitch 0-100."""
-        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise CorpusError(f"eSpeak NG has no voice {voice!r}")
-        self._lib.espeak_SetParameter(_ESPEAK_RATE, int(rate), 0)
-        self._lib.espeak_SetParameter(_ESPEAK_PITCH, int(pitch), 0)
-        self._chunks.clear()
-        data = text.encode("utf-8")
-        err = self._lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
-        if err != 0:
-            raise CorpusError(f"espeak_Synth failed with code {err} for {text!r}")
-        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-
-    def close(self) -> None:
-        self._lib.espeak_Terminate()
-
-
-def _variant_file(variant: str) -> Path:
-    import espeakng_loader
-
-    return Path(espeakng_loader.get_data_path()) / "voices" / "!v" / variant
-
-
-def _variant_exists(variant: str) -> bool:
-    return _variant_file(variant).is_file()
-
-
-def _variant_has_breath(variant: str) -> bool:
-    lines = _variant_file(variant).read_text(encoding="utf-8", errors="replace").splitlines()
-    return any(line.split()[:1] in (["breath"], ["breathw"]) for line in lines)
-
-
-def _voice_sets(
-    accents: Sequence[str], variants: Sequence[str], test_voices: Sequence[str]
-) -> tuple[list[str], list[str], str]:
-    """(train/dev voices, test-only voices, eSpeak version); voices are "accent+variant" names."""
-    engine = _ESpeak()
-    version = engine.version
-    try:
-        bad_accents = sorted({a for a in accents if not engine.has_language(a)})
-        bad_accents += sorted({v.split("+")[0] for v in test_voices if not engine.has_language(v.split("+")[0])})
-    finally:
-        engine.close()
-    bad_variants = sorted({v for v in variants if not _variant_exists(v)})
-    bad_variants += sorted(
-        {t.split("+", 1)[1] for t in test_voices if "+" in t and not _variant_exists(t.split("+", 1)[1])}
-    )
-    if bad_accents or bad_variants:
-        raise CorpusError(
-            f"unknown eSpeak NG accents {bad_accents} / variants {bad_variants} — accents are eSpeak "
-            "language voices such as en-us, en-gb-x-rp; variants are files in espeak-ng-data/voices/!v"
-        )
-    used = [*variants, *(t.split("+", 1)[1] for t in test_voices if "+" in t)]
-    noisy = sorted({v for v in used if _variant_has_breath(v)})
-    if noisy:
-        log.warning(
-            "variants %s add breath noise that eSpeak does not reproduce: their audio is not deterministic", noisy
-        )
-    all_voices = [f"{a}+{v}" for a in dict.fromkeys(accents) for v in dict.fromkeys(variants)]
-    held_out: list[str] = []
-    for spec in test_voices:
-        matched = [spec] if "+" in spec else [f"{spec}+{v}" for v in dict.fromkeys(variants)]
-        held_out += [v for v in matched if v not in held_out]
-    train = [v for v in all_voices if v not in held_out]
-    if not held_out or not train:
-        raise CorpusError(
-            f"need at least one held-out test voice and one training voice; got test_voices="
-            f"{list(test_voices)} with accents={list(accents)}"
-        )
-    return train, held_out, version
-
-
-# ----------------------------------------------------------------------------------------------
-# Rendering
-
-
-@dataclass(frozen=True)
-class _Job:
-    split: str
-    id: str
-    text: str
-    voice: str
-    rate: int
-    pitch: int
-    gain_db: float
-    pad_s: tuple[float, float]
-    path: str
-
-
-def _trim(pcm: np.ndarray, sample_rate: int, keep_s: float = 0.1, floor_db: float = -50.0) -> np.ndarray:
-    """Cut leading/trailing silence below ``floor_db`` relative to the peak, keeping ``keep_s``."""
-    level = np.abs(pcm.astype(np.int32))
-    peak = int(level.max()) if level.size else 0
-    if peak == 0:
-        return pcm
-    loud = np.flatnonzero(level > peak * 10 ** (floor_db / 20))
-    keep = int(keep_s * sample_rate)
-    return pcm[max(0, loud[0] - keep) : loud[-1] + 1 + keep]
-
-
-_RESAMPLERS: dict = {}
-
-
-def _resample(wave: np.ndarray, orig: int, new: int) -> np.ndarray:
-    """(T,) float32 -> (T * new / orig,) float32 with torchaudio's windowed-sinc resampler."""
-    if orig == new:
-        return wave
-    import torch
-    import torchaudio
-
-    if (orig, new) not in _RESAMPLERS:  # the module caches its filter kernel
-        _RESAMPLERS[orig, new] = torchaudio.transforms.Resample(orig, new)
-    with torch.no_grad():
-        return _RESAMPLERS[orig, new](torch.from_numpy(wave)).numpy()
-
-
-def _render_chunk(jobs: list[_Job], sample_rate: int) -> list[int]:
-    """Synthesise, trim, resample and write each job's FLAC; returns frame counts at sample_rate."""
-    import soundfile
-    import torch
-
-    engine = _ESpeak()
-    frames = []
-    threads = torch.get_num_threads()
-    # One thread: each resample call is tiny, and on a busy machine a thread pool makes it ~10x slower.
-    torch.set_num_threads(1)
-    try:
-        for job in jobs:
-            pcm = _trim(engine.synth(job.text, job.voice, job.rate, job.pitch), ESPEAK_SAMPLE_RATE)
-            wave = _resample(pcm.astype(np.float32) / 32768.0, ESPEAK_SAMPLE_RATE, sample_rate)
-            peak = float(np.abs(wave).max()) or 1.0
-            # Peak-normalise to a random level: eSpeak variants differ a lot in loudness.
-            wave = wave * (10 ** (job.gain_db / 20) / peak)
-            out = np.clip(np.round(wave * 32767.0), -32768, 32767).astype(np.int16)
-            # eSpeak starts and stops speaking within ~15 ms; real recordings have some silence.
-            out = np.pad(out, (int(job.pad_s[0] * sample_rate), int(job.pad_s[1] * sample_rate)))
-            soundfile.write(job.path, out, sample_rate, format="FLAC", subtype="PCM_16")
-            frames.append(len(out))
-    finally:
-        engine.close()
-        torch.set_num_threads(threads)
-    return frames
-
-
 # ----------------------------------------------------------------------------------------------
 # Corpus
 
 
 def _plan(
     root: Path, sentences: dict[str, list[str]], voices: dict[str, list[str]], seed: int, params: dict
-) -> list[_Job]:
+) -> list[Job]:
     jobs = []
     for split in SPLITS:
         for i, text in enumerate(sentences[split]):
@@ -467,7 +99,7 @@ def _plan(
             rng = random.Random(f"{seed}/{split}/{i}")
             utt_id = f"{split}-{i:06d}"
             jobs.append(
-                _Job(
+                Job(
                     split=split,
                     id=utt_id,
                     text=text,
@@ -485,7 +117,7 @@ def _plan(
     return jobs
 
 
-def _chunks(jobs: list[_Job], size: int) -> Iterator[list[_Job]]:
+def _chunks(jobs: list[Job], size: int) -> Iterator[list[Job]]:
     """Fixed-size chunks that never span two splits, so a split's audio does not depend on the
     size of the splits rendered before it."""
     for split in SPLITS:
@@ -684,10 +316,10 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
     for split in ("test", "dev", "train", "test_voices"):
         by_split[split] = sentences[start : start + counts[split]]
         start += counts[split]
-    train_voices, test_voices, engine_version = _voice_sets(
+    train_voices, test_voices, engine_version = voice_sets(
         params["accents"], params["variants"], params["test_voices"]
     )
-    unseen_variants = _voice_sets(params["accents"], params["test_variants"], params["test_voices"])[0]
+    unseen_variants = voice_sets(params["accents"], params["test_variants"], params["test_voices"])[0]
     voices = {"train": train_voices, "dev": train_voices, "test": test_voices, "test_voices": unseen_variants}
     jobs = _plan(root, by_split, voices, params["seed"], params)
     for split in SPLITS:
@@ -717,11 +349,11 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
         # spawn, not fork: the caller may hold OpenMP/torch threads that a forked child inherits broken.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
-            for done in pool.map(_render_chunk, chunks, [params["sample_rate"]] * len(chunks)):
+            for done in pool.map(render_chunk, chunks, [params["sample_rate"]] * len(chunks)):
                 progress(done)
     else:
         for chunk in chunks:
-            progress(_render_chunk(chunk, params["sample_rate"]))
+            progress(render_chunk(chunk, params["sample_rate"]))
 
     utts: dict[str, list[Utterance]] = {s: [] for s in SPLITS}
     for job, n in zip([job for chunk in chunks for job in chunk], frames, strict=True):
