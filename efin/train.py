@@ -18,22 +18,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from efin.artifacts import load_artifact, publish, save_artifact
+from efin.checkpoints import find_resume_checkpoint
 
 log = logging.getLogger("efin.train")
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` -> the newest last.ckpt among this stage's runs; a path is used as is."""
-    if cfg.ckpt_path != "last":
+    """``ckpt_path=last``: the newest intact checkpoint among this stage's runs (an error if
+    there is none); ``auto``: the same, or None (a fresh start) when there is nothing to resume.
+    Broken checkpoints are skipped with a warning (efin.checkpoints). A path is used as is."""
+    if cfg.ckpt_path not in ("last", "auto"):
         return cfg.ckpt_path
-    candidates = sorted(Path(cfg.paths.stage_dir).glob("runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(
-            f"ckpt_path=last: no checkpoints/last.ckpt under {cfg.paths.stage_dir}/runs/. "
-            "Start the stage without ckpt_path, or pass ckpt_path=PATH/TO/file.ckpt."
-        )
-    log.info("Resuming from %s", candidates[-1])
-    return str(candidates[-1])
+    return find_resume_checkpoint(cfg.paths.stage_dir, mode=cfg.ckpt_path)
 
 
 def load_init_artifact(cfg: DictConfig) -> dict | None:
@@ -73,7 +69,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     elif best:  # export the best weights, as trainer.test would have loaded them
-        checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
 
