@@ -108,6 +108,8 @@ class SpeechDataModule(L.LightningDataModule):
         self.max_bucket_ratio = float(max_bucket_ratio)
         self.featurizer = LogMel(n_mels=self.n_mels)
         self._utterances: dict[str, list[Utterance]] = {}
+        self._train_sampler: DurationBucketSampler | None = None
+        self._train_sampler_state: dict | None = None  # from a checkpoint, for the next train sampler
 
     # ------------------------------------------------------------------ data preparation
 
@@ -202,7 +204,31 @@ class SpeechDataModule(L.LightningDataModule):
         utts = self.train_utterances
         dataset = SpeechDataset(utts, self.featurizer, self.wave_augment, self.feature_augment)
         sampler = self._sampler(utts, self.max_batch_seconds, shuffle=True)
+        if self._train_sampler_state is not None:
+            sampler.load_state_dict(self._train_sampler_state)
+        self._train_sampler = sampler
         return ResumableDataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+
+    # ------------------------------------------------------------------ resume
+    # Lightning restores a datamodule's state (``load_state_dict``) together with the model,
+    # before the strategy calls ``configure_optimizers``. An LR schedule there reads
+    # ``trainer.estimated_stepping_batches``, which builds the train loader at once, before the
+    # fit loop's own state (holding the loader's position) is restored, and Lightning then
+    # never passes that state to the loader. Keeping the sampler position here as well makes
+    # the restore independent of what builds the train loader first.
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_sampler is None:
+            return {}
+        return {"train_sampler": self._train_sampler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_sampler")
+        if state is None:
+            return
+        self._train_sampler_state = dict(state)
+        if self._train_sampler is not None:  # the loader exists already (a strategy that restores late)
+            self._train_sampler.load_state_dict(self._train_sampler_state)
 
     def _eval_loader(self, utts: list[Utterance]) -> DataLoader:
         self._check_trainer()
