@@ -22,5 +22,5 @@ def test_two_process_cpu_ddp_trains_and_exports(tmp_path, shared_data_dir):
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (tmp_path / "outputs/ddp/encoder/artifact/artifact.pt").exists()
+    assert (tmp_path / "outputs/ddp/encoder/artifact/artifact.json").exists()
     assert "test/cer/test" in proc.stdout + proc.stderr

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
 
+from efin.artifacts import load_artifact
 from efin.train import train
 from tests.conftest import compose_config
 
@@ -114,3 +115,17 @@ def test_resume_onto_another_dataset_warns(tmp_path, shared_data_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="efin.data.sampler"):
         _run(tmp_path, shared_data_dir, fewer, "b")
     assert "batch plan" in caplog.text and "differs" in caplog.text
+
+
+def test_artifact_records_the_resolved_run_it_came_from(projector_artifact):
+    artifact = load_artifact(projector_artifact)
+    origin = artifact["provenance"]
+    encoder_dir = (projector_artifact.parent.parent / "encoder" / "artifact").resolve()
+    # the projector started from the encoder artifact through the moving `encoder/artifact` link;
+    # what it records is the resolved directory of that run
+    assert origin["init_from"] == str(encoder_dir)
+    assert origin["init_provenance"]["run_dir"] == str(encoder_dir.parent)
+    assert origin["run_dir"] == str(projector_artifact.resolve().parent)
+    assert len(origin["config_sha256"]) == 64 and "git_commit" in origin
+    config = (projector_artifact / "config.yaml").read_text()
+    assert f"init_from: {encoder_dir}" in config
