@@ -7,7 +7,10 @@ lives in the stage's config file and LightningModule, not here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import hydra
@@ -15,29 +18,29 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from efin.artifacts import load_artifact, publish, save_artifact
+from efin.checkpoints import find_resume_checkpoint
 
 log = logging.getLogger("efin.train")
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` -> the newest last.ckpt among this stage's runs; a path is used as is."""
-    if cfg.ckpt_path != "last":
+    """``ckpt_path=last``: the newest intact checkpoint among this stage's runs (an error if
+    there is none); ``auto``: the same, or None (a fresh start) when there is nothing to resume.
+    Broken checkpoints are skipped with a warning (efin.checkpoints). A path is used as is."""
+    if cfg.ckpt_path not in ("last", "auto"):
         return cfg.ckpt_path
-    candidates = sorted(Path(cfg.paths.stage_dir).glob("runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(
-            f"ckpt_path=last: no checkpoints/last.ckpt under {cfg.paths.stage_dir}/runs/. "
-            "Start the stage without ckpt_path, or pass ckpt_path=PATH/TO/file.ckpt."
-        )
-    log.info("Resuming from %s", candidates[-1])
-    return str(candidates[-1])
+    return find_resume_checkpoint(cfg.paths.stage_dir, mode=cfg.ckpt_path)
 
 
 def load_init_artifact(cfg: DictConfig) -> dict | None:
-    """The artifact this stage starts from, with a message naming the command that makes it."""
+    """The artifact this stage starts from, with a message naming the command that makes it.
+
+    ``cfg.init_from`` is replaced by the resolved path (not the moving ``<stage>/artifact``
+    link), so the run's config and this stage's artifact record which run it started from.
+    """
     if cfg.init_from is None:
         return None
     requires = cfg.stage.requires
@@ -45,7 +48,38 @@ def load_init_artifact(cfg: DictConfig) -> dict | None:
         f"Run the previous stage first: `python -m efin.train stage={requires.command}"
         f" name={cfg.name}` (same experiment), or pass init_from=PATH/TO/artifact."
     )
-    return load_artifact(cfg.init_from, expected_stage=tuple(requires.kinds), hint=hint)
+    artifact = load_artifact(cfg.init_from, expected_stage=tuple(requires.kinds), hint=hint)
+    with open_dict(cfg):
+        cfg.init_from = os.path.realpath(cfg.init_from)
+    origin = artifact.get("provenance") or {}
+    log.info("Starting from the %s artifact %s (run %s, git %s, config sha256 %s)", artifact["stage"], cfg.init_from,
+             origin.get("run_dir", "unknown"), origin.get("git_commit", "unknown"), origin.get("config_sha256", "unknown"))
+    return artifact
+
+
+def _git_commit() -> str | None:
+    """The efin checkout's commit, "+dirty" with uncommitted changes; None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def provenance(cfg: DictConfig, config_yaml: str, init: dict | None) -> dict:
+    """Where an artifact comes from: this run's directory, the code's commit, a hash of the
+    resolved config, and the resolved artifact it started from (with that one's provenance)."""
+    return {
+        "run_dir": str(Path(cfg.paths.output_dir).resolve()),
+        "git_commit": _git_commit(),
+        "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
+        "init_from": cfg.init_from,
+        "init_provenance": (init or {}).get("provenance"),
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -73,17 +107,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     elif best:  # export the best weights, as trainer.test would have loaded them
-        checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
 
     if trainer.is_global_zero and not trainer.fast_dev_run:
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        origin = provenance(cfg, config_yaml, init)
         artifact_dir = save_artifact(
-            Path(cfg.paths.output_dir) / "artifact", cfg.stage.name, module.artifact_payload(),
-            OmegaConf.to_yaml(cfg, resolve=True),
+            Path(cfg.paths.output_dir) / "artifact", cfg.stage.name, module.artifact_payload(), config_yaml, origin,
         )
         publish(artifact_dir, Path(cfg.paths.stage_dir) / "artifact")
-        log.info("Exported %s artifact to %s (linked from %s/artifact)", cfg.stage.name, artifact_dir, cfg.paths.stage_dir)
+        log.info("Exported %s artifact to %s (linked from %s/artifact); run %s, git %s, config sha256 %s",
+                 cfg.stage.name, artifact_dir, cfg.paths.stage_dir, origin["run_dir"], origin["git_commit"],
+                 origin["config_sha256"])
     log.info("Final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
     return metrics
 

@@ -75,6 +75,18 @@ def _rate_12k(root: Path) -> dict:
     return {"audio_filepath": "audio/r12k.wav", "duration": 1.0, "text": "x"}
 
 
+def _damaged(root: Path, name: str, damage, duration: float = 1.0) -> dict:
+    """A file whose header reads fine but whose audio does not decode as declared."""
+    path = root / "audio" / name
+    if damage is None:  # a valid WAV header with zero frames
+        soundfile.write(path, np.zeros(0, dtype=np.float32), 16000, format="WAV")
+    else:
+        make_audio(path, 1.0)
+        path.write_bytes(damage(path.read_bytes()))
+        assert soundfile.info(path).frames == 16000  # the header still promises 1 s
+    return {"audio_filepath": f"audio/{name}", "duration": duration, "text": "x"}
+
+
 def _line(**changes):
     def build(_root):
         entry = {"audio_filepath": "audio/a.flac", "duration": 1.0, "text": "fine text"}
@@ -93,7 +105,7 @@ BAD_LINES = [
     ("missing_text", _line(text=_DROP), "missing key(s) 'text'", {}),
     ("missing_two_keys", _line(duration=_DROP, audio_filepath=_DROP), "'audio_filepath', 'duration'", {}),
     ("missing_audio", _line(audio_filepath="audio/nope.flac"), "audio file not found", {}),
-    ("corrupt_audio", _corrupt, "cannot read audio", {}),
+    ("corrupt_audio", _corrupt, "cannot decode audio", {}),
     ("zero_duration", _line(duration=0), "duration must be a positive number", {}),
     ("negative_duration", _line(duration=-1.0), "duration must be a positive number", {}),
     ("string_duration", _line(duration="1.0"), "duration must be a positive number", {}),
@@ -103,7 +115,11 @@ BAD_LINES = [
         "positive number",
         {},
     ),
-    ("duration_longer_than_file", _line(duration=1.5), "does not fit the audio file", {}),
+    ("duration_longer_than_file", _line(duration=1.5), "declared duration 1.500 s but the audio decodes to 1.000 s", {}),
+    ("duration_shorter_than_file", _line(duration=0.3), "declared duration 0.300 s but the audio decodes to 1.000 s", {}),
+    ("truncated_flac", lambda r: _damaged(r, "trunc.flac", lambda b: b[: len(b) // 2]), "cannot decode audio", {}),
+    ("garbled_flac", lambda r: _damaged(r, "garbled.flac", lambda b: b[:4000] + bytes(8000) + b[12000:]), "cannot decode audio", {}),
+    ("zero_frame_wav", lambda r: _damaged(r, "empty.wav", None, duration=0.05), "holds no samples", {}),
     ("offset_past_file", _line(duration=0.8, offset=0.5), "does not fit the audio file", {}),
     ("negative_offset", _line(offset=-0.5), "offset must be", {}),
     ("empty_text", _line(text=""), "empty after normalisation", {}),
@@ -121,7 +137,7 @@ BAD_LINES = [
 def test_each_bad_line_is_reported_with_location_and_fix(corpus, name, build, fragment, kwargs):
     root, good = corpus
     if "max_duration" in kwargs:
-        good = dict(good, duration=0.4)  # keep the good line under the limit
+        good = dict(good, duration=0.4, offset=0.0)  # keep the good line under the limit (a segment)
     manifest = write_lines(root / "m.jsonl", [good, build(root)])
     with pytest.raises(ManifestError) as err:
         load_manifest(manifest, **kwargs)
@@ -202,6 +218,35 @@ def test_unknown_on_invalid_is_rejected(corpus):
         load_manifest(write_lines(root / "m.jsonl", [good]), on_invalid="ignore")
 
 
+def test_json_error_column_of_an_unclosed_object(corpus):
+    root, good = corpus
+    line = json.dumps(good)[:-1]  # the closing brace is missing
+    manifest = write_lines(root / "m.jsonl", [line])
+    with pytest.raises(ManifestError, match=rf"m.jsonl:1: invalid JSON \(.* at column {len(line) + 1}\)"):
+        load_manifest(manifest)
+
+
+def test_decoding_is_cached_by_path_size_and_mtime(corpus, monkeypatch, tmp_path_factory):
+    from efin.data import manifest as manifest_module
+
+    root, good = corpus
+    make_audio(root / "audio" / "b.flac", 2.0)
+    manifest = write_lines(root / "m.jsonl", [good, {"audio_filepath": "audio/b.flac", "duration": 2.0, "text": "b"}])
+    cache = tmp_path_factory.mktemp("cache")
+    decoded = []
+    real = manifest_module.probe_audio
+    monkeypatch.setattr(manifest_module, "probe_audio", lambda p: (decoded.append(Path(p).name), real(p))[1])
+    assert len(load_manifest(manifest, cache_dir=cache)) == 2
+    assert sorted(decoded) == ["a.flac", "b.flac"]
+    decoded.clear()
+    assert len(load_manifest(manifest, cache_dir=cache)) == 2
+    assert decoded == []  # a rerun decodes nothing
+    make_audio(root / "audio" / "b.flac", 1.0)  # changed on disk: decoded again, and now wrong
+    with pytest.raises(ManifestError, match="b.flac|declared duration 2.000 s"):
+        load_manifest(manifest, cache_dir=cache)
+    assert decoded == ["b.flac"]
+
+
 def test_duration_tolerance_and_check_audio_off(corpus):
     root, good = corpus
     manifest = write_lines(root / "m.jsonl", [dict(good, duration=1.08)])  # within 0.1 s of the file
@@ -228,3 +273,21 @@ def test_write_manifest_round_trip_relative_inside_absolute_outside(tmp_path, tm
     assert lines[1]["audio_filepath"] == str(outside)
     assert "offset" not in lines[0] and "speaker" not in lines[1]
     assert load_manifest(manifest) == utts
+
+
+def test_audio_failing_at_training_time_is_skipped_and_counted(corpus, caplog):
+    """A file that changed on disk after validation: its batch shrinks, nothing crashes."""
+    from efin.data.audio import LogMel
+    from efin.data.dataset import SpeechDataset, collate
+
+    root, good = corpus
+    make_audio(root / "audio" / "b.flac", 1.0)
+    manifest = write_lines(root / "m.jsonl", [good, {"audio_filepath": "audio/b.flac", "duration": 1.0, "text": "b", "id": "b"}])
+    dataset = SpeechDataset(load_manifest(manifest), LogMel(n_mels=8))
+    (root / "audio" / "b.flac").write_bytes(b"gone bad" * 100)
+    with caplog.at_level(logging.WARNING, logger="efin.data.dataset"):
+        batch = collate([dataset[0], dataset[1]])
+    assert batch["ids"] == ["good"] and batch["feats"].shape[0] == 1 and batch["audio_errors"] == 1
+    assert dataset.audio_errors == 1 and "skipping utterance b" in caplog.text
+    alone = collate([dataset[1]])  # a batch of only the failed one: its substitute trains instead
+    assert alone["ids"] == ["good"] and alone["audio_errors"] == 1

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from efin.data.audio import LogMel, feature_stats
 from efin.data.augment import FeatureAugment, WaveAugment
 from efin.data.dataset import SpeechDataset, collate
-from efin.data.manifest import Utterance, load_manifest
+from efin.data.manifest import Utterance, decode_check, load_manifest
 from efin.data.resume import ResumableDataLoader
 from efin.data.sampler import DurationBucketSampler
 
@@ -56,8 +56,10 @@ class SpeechDataModule(L.LightningDataModule):
         val_max_batch_seconds: seconds per validation/test batch (no gradients, so it can be
             larger); None uses ``max_batch_seconds``.
         n_mels: log-mel bins (the encoder's input dimension).
-        check_audio: open every audio header while validating manifests (slower, catches
-            missing files before training starts).
+        check_audio: decode every audio file once while validating manifests (catches
+            missing, corrupt and truncated files and wrong durations before training starts).
+        audio_check_cache: directory caching those decode results by path + size + mtime (a
+            rerun decodes nothing); None: decode at every start.
         drop_last: drop uneven training batches across ranks instead of splitting them.
         max_bucket_ratio: longest / shortest utterance allowed in one sampler bucket (wider
             quantile buckets are halved); lower pads less.
@@ -82,6 +84,7 @@ class SpeechDataModule(L.LightningDataModule):
         check_audio: bool = True,
         drop_last: bool = False,
         max_bucket_ratio: float = 1.3,
+        audio_check_cache: str | None = None,
     ):
         super().__init__()
         if on_invalid not in ("error", "skip"):
@@ -104,16 +107,23 @@ class SpeechDataModule(L.LightningDataModule):
         self.prepare = prepare
         self.n_mels = int(n_mels)
         self.check_audio = bool(check_audio)
+        self.audio_check_cache = audio_check_cache
         self.drop_last = bool(drop_last)
         self.max_bucket_ratio = float(max_bucket_ratio)
         self.featurizer = LogMel(n_mels=self.n_mels)
         self._utterances: dict[str, list[Utterance]] = {}
+        self._train_sampler: DurationBucketSampler | None = None
+        self._train_sampler_state: dict | None = None  # from a checkpoint, for the next train sampler
 
     # ------------------------------------------------------------------ data preparation
 
     def prepare_data(self) -> None:
         if self.prepare is not None:
             self.prepare()
+        if self.check_audio and self.audio_check_cache is not None:
+            for path in self.paths.values():  # once per node; every rank's setup then reads the cache
+                if path is not None:
+                    decode_check(path, self.audio_check_cache)
 
     def setup(self, stage: str | None = None) -> None:
         """Load and validate the manifests this stage needs (each once; repeated calls are free)."""
@@ -129,7 +139,8 @@ class SpeechDataModule(L.LightningDataModule):
             path = self.paths.get(split)
             if path is None:
                 raise ValueError(f"SpeechDataModule: no {split} manifest configured (data.{split} is null)")
-            utts = load_manifest(path, on_invalid=self.on_invalid, check_audio=self.check_audio)
+            utts = load_manifest(path, on_invalid=self.on_invalid, check_audio=self.check_audio,
+                                 cache_dir=self.audio_check_cache)
             if split == "train" and self.max_duration is not None:
                 # Too long to batch is not broken data: skip and count, whatever on_invalid says.
                 kept = [u for u in utts if u.duration <= self.max_duration]
@@ -202,7 +213,31 @@ class SpeechDataModule(L.LightningDataModule):
         utts = self.train_utterances
         dataset = SpeechDataset(utts, self.featurizer, self.wave_augment, self.feature_augment)
         sampler = self._sampler(utts, self.max_batch_seconds, shuffle=True)
+        if self._train_sampler_state is not None:
+            sampler.load_state_dict(self._train_sampler_state)
+        self._train_sampler = sampler
         return ResumableDataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+
+    # ------------------------------------------------------------------ resume
+    # Lightning restores a datamodule's state (``load_state_dict``) together with the model,
+    # before the strategy calls ``configure_optimizers``. An LR schedule there reads
+    # ``trainer.estimated_stepping_batches``, which builds the train loader at once, before the
+    # fit loop's own state (holding the loader's position) is restored, and Lightning then
+    # never passes that state to the loader. Keeping the sampler position here as well makes
+    # the restore independent of what builds the train loader first.
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_sampler is None:
+            return {}
+        return {"train_sampler": self._train_sampler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_sampler")
+        if state is None:
+            return
+        self._train_sampler_state = dict(state)
+        if self._train_sampler is not None:  # the loader exists already (a strategy that restores late)
+            self._train_sampler.load_state_dict(self._train_sampler_state)
 
     def _eval_loader(self, utts: list[Utterance]) -> DataLoader:
         self._check_trainer()

@@ -17,11 +17,14 @@ second after a resubmit, wastes far more time than one complete report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +38,11 @@ log = logging.getLogger(__name__)
 # more likely a mislabelled or broken file than a real recording.
 SUPPORTED_SAMPLE_RATES = frozenset({8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000})
 REQUIRED_KEYS = ("audio_filepath", "duration", "text")
-# Allowed shortfall of the file against the declared duration (s): durations are often
-# rounded or computed from a different decoder; 0.1 s is well under one word.
+# Allowed difference between the declared duration and the decoded audio (s), either way:
+# durations are often rounded or computed by another decoder; 0.1 s is well under one word.
 DURATION_TOLERANCE = 0.1
+# Threads decoding audio files during validation (libsndfile releases the GIL).
+DECODE_THREADS = min(8, os.cpu_count() or 1)
 # How many problems an error message / warning lists before summarising the rest.
 MAX_REPORTED = 50
 
@@ -86,11 +91,11 @@ def _check_line(
     line_no: int,
     check_audio: bool,
     max_duration: float | None,
-    info_cache: dict,
+    probes: dict,
 ) -> tuple[Utterance | None, list[str]]:
     """Parse and validate one line; returns (utterance or None, list of problems)."""
     try:
-        entry = json.loads(raw)
+        entry = json.loads(raw.rstrip("\r\n"))  # with the newline, an unclosed object errs at "line 2 column 1"
     except json.JSONDecodeError as err:
         return None, [f"invalid JSON ({err.msg} at column {err.colno}) — fix or delete the line"]
     if not isinstance(entry, dict):
@@ -152,7 +157,7 @@ def _check_line(
         speaker = None
 
     if check_audio and audio_path is not None:
-        problems += _check_audio(audio_path, manifest_dir, duration, offset, info_cache)
+        problems += _check_audio(audio_path, manifest_dir, duration, offset, "offset" in entry, probes[audio_path])
 
     if problems:
         return None, problems
@@ -171,42 +176,146 @@ def _check_line(
     )
 
 
-def _check_audio(
-    audio_path: str, manifest_dir: str, duration: float | None, offset: float | None, info_cache: dict
-) -> list[str]:
-    """Header-only checks (soundfile.info): readable, supported rate, long enough."""
-    if audio_path not in info_cache:
-        if not os.path.isfile(audio_path):
-            info_cache[audio_path] = FileNotFoundError()
-        else:
+def probe_audio(path: str) -> dict:
+    """Decode a whole audio file once: ``{"frames", "rate"}`` of what actually decodes, or
+    ``{"error": reason}`` (missing, unreadable, corrupt: a truncated FLAC loses sync, garbled
+    data fails mid-file). The header alone would pass such files."""
+    if not os.path.isfile(path):
+        return {"error": "not found"}
+    try:
+        with soundfile.SoundFile(path) as f:
+            rate, frames = f.samplerate, 0
+            for block in f.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):
+                frames += block.shape[0]
+    except Exception as err:  # libsndfile raises several types for corrupt files
+        text = str(err).strip()
+        return {"error": text.splitlines()[-1] if text else type(err).__name__}
+    return {"frames": frames, "rate": rate}
+
+
+class AudioProbeCache:
+    """Decode results per audio file, keyed by path + size + mtime, so re-validating an unchanged
+    corpus decodes nothing. Stored as one JSON file per manifest under ``cache_dir`` (written
+    atomically; None: kept in memory only)."""
+
+    def __init__(self, manifest: Path, cache_dir: str | os.PathLike | None):
+        self.file = None
+        self.entries: dict[str, list] = {}
+        if cache_dir is not None:
+            key = hashlib.sha1(str(manifest.resolve()).encode()).hexdigest()[:16]
+            self.file = Path(cache_dir) / f"{manifest.stem}-{key}.json"
             try:
-                info_cache[audio_path] = soundfile.info(audio_path)
-            except Exception as err:  # libsndfile raises several types for corrupt files
-                info_cache[audio_path] = err
-    info = info_cache[audio_path]
-    if isinstance(info, FileNotFoundError):
+                self.entries = json.loads(self.file.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+        self.changed = False
+
+    @staticmethod
+    def _stamp(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def probe_all(self, paths: Iterable[str]) -> dict[str, dict]:
+        """``{path: probe_audio(path)}``, decoding (in parallel) only files not cached as they are."""
+        results, todo = {}, []
+        for path in dict.fromkeys(paths):
+            stamp = self._stamp(path)
+            cached = self.entries.get(path)
+            if stamp is not None and cached is not None and tuple(cached[:2]) == stamp:
+                results[path] = cached[2]
+            else:
+                todo.append((path, stamp))
+        if todo:
+            with ThreadPoolExecutor(DECODE_THREADS) as pool:
+                for (path, stamp), probe in zip(todo, pool.map(probe_audio, [p for p, _ in todo])):
+                    results[path] = probe
+                    if stamp is not None:
+                        self.entries[path] = [*stamp, probe]
+                        self.changed = True
+        return results
+
+    def save(self) -> None:
+        if self.file is None or not self.changed:
+            return
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.file.name}.", suffix=".tmp", dir=self.file.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.entries, f)
+            os.replace(tmp, self.file)
+        except OSError as err:  # a read-only cache costs a re-decode next time, nothing more
+            log.warning("audio check cache not written (%s): %s", self.file, err)
+
+
+def _audio_paths(lines: Iterable[str], manifest_dir: str) -> list[str]:
+    """Absolute audio paths of the lines that parse (for decoding ahead of validation)."""
+    paths = []
+    for raw in lines:
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        audio = entry.get("audio_filepath") if isinstance(entry, dict) else None
+        if isinstance(audio, str) and audio.strip():
+            paths.append(os.path.abspath(os.path.join(manifest_dir, os.path.expanduser(audio))))
+    return paths
+
+
+def decode_check(manifest: str | os.PathLike, cache_dir: str | os.PathLike | None) -> None:
+    """Decode every audio file of ``manifest`` into the cache of :func:`load_manifest` (no
+    reporting): run once per node before the ranks validate, so they decode nothing."""
+    manifest = Path(manifest)
+    if not manifest.is_file() or cache_dir is None:
+        return
+    with open(manifest, encoding="utf-8") as f:
+        lines = f.readlines()
+    cache = AudioProbeCache(manifest, cache_dir)
+    cache.probe_all(_audio_paths(lines, str(manifest.resolve().parent)))
+    cache.save()
+
+
+def _check_audio(
+    audio_path: str, manifest_dir: str, duration: float | None, offset: float | None, segment: bool, probe: dict
+) -> list[str]:
+    """Checks on the decoded file: decodes to the end, supported rate, declared duration.
+
+    A line without ``offset`` describes the whole file: its duration must match the decoded
+    audio within :data:`DURATION_TOLERANCE` either way (shorter would silently cut the audio
+    off). A line with ``offset`` is a segment: it must fit inside the file.
+    """
+    if probe.get("error") == "not found":
         return [
             f"audio file not found: {audio_path} — fix the path (relative paths resolve against "
             f"the manifest's directory {manifest_dir})"
         ]
-    if isinstance(info, Exception):
-        reason = str(info).strip().splitlines()[-1] if str(info).strip() else type(info).__name__
+    if "error" in probe:
         return [
-            f"cannot read audio {audio_path} ({reason}) — the file is corrupt or not audio; "
-            "re-encode it as FLAC or WAV, or drop the utterance"
+            f"cannot decode audio {audio_path} ({probe['error']}) — the file is corrupt, truncated or not "
+            "audio; re-encode it as FLAC or WAV, or drop the utterance"
         ]
+    rate, frames = probe["rate"], probe["frames"]
+    if frames == 0 or rate <= 0:
+        return [f"audio file {audio_path} holds no samples — re-create it or drop the utterance"]
     problems = []
-    if info.samplerate not in SUPPORTED_SAMPLE_RATES:
+    if rate not in SUPPORTED_SAMPLE_RATES:
         problems.append(
-            f"unsupported sample rate {info.samplerate} Hz in {audio_path} — resample it to one of "
+            f"unsupported sample rate {rate} Hz in {audio_path} — resample it to one of "
             f"{', '.join(str(r) for r in sorted(SUPPORTED_SAMPLE_RATES))} Hz (16000 preferred)"
         )
-    if duration is not None and offset is not None and info.samplerate > 0:
-        available = info.frames / info.samplerate - offset
-        if available < duration - DURATION_TOLERANCE:
+    if duration is not None and offset is not None:
+        total = frames / rate
+        if segment and total - offset < duration - DURATION_TOLERANCE:
             problems.append(
                 f"duration {duration:.3f} s (offset {offset:g} s) does not fit the audio file, "
-                f"which holds {info.frames / info.samplerate:.3f} s — recompute duration from the file"
+                f"which decodes to {total:.3f} s — recompute duration from the file"
+            )
+        elif not segment and abs(total - duration) > DURATION_TOLERANCE:
+            problems.append(
+                f"declared duration {duration:.3f} s but the audio decodes to {total:.3f} s — recompute "
+                "duration from the file (frames / sample rate), or give an offset for a segment"
             )
     return problems
 
@@ -216,6 +325,7 @@ def load_manifest(
     on_invalid: str = "error",
     check_audio: bool = True,
     max_duration: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> list[Utterance]:
     """Read and validate a JSONL manifest.
 
@@ -223,9 +333,12 @@ def load_manifest(
         path: the manifest file.
         on_invalid: "error" raises :class:`ManifestError` listing every bad line; "skip" logs a
             warning with the count and the lines, and returns the valid utterances.
-        check_audio: open each audio header (soundfile.info) to check that it exists, decodes,
-            has a supported sample rate and is at least ``duration`` long (+ ``offset``).
+        check_audio: decode every audio file once (in parallel) to check that it exists, decodes
+            to the end, has a supported sample rate and matches ``duration`` (see
+            :func:`_check_audio`).
         max_duration: seconds; longer utterances count as invalid (they would blow up a batch).
+        cache_dir: where decode results are cached by path + size + mtime, so re-validating
+            costs one ``stat`` per file; None: no cache (every call decodes).
 
     Returns:
         utterances in file order, with absolute ``audio_filepath``.
@@ -240,22 +353,27 @@ def load_manifest(
     utterances: list[Utterance] = []
     problems: list[str] = []
     first_line_of_id: dict[str, int] = {}
-    info_cache: dict = {}
-    n_lines = 0
     with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue  # blank lines (e.g. a trailing newline) carry no utterance
-            n_lines += 1
-            utt, line_problems = _check_line(raw, manifest_dir, line_no, check_audio, max_duration, info_cache)
-            if utt is not None:
-                first = first_line_of_id.setdefault(utt.id, line_no)
-                if first != line_no:
-                    line_problems = [f"duplicate id {utt.id!r} (first used on line {first}) — ids must be unique"]
-                    utt = None
-            problems += [f"{path}:{line_no}: {p}" for p in line_problems]
-            if utt is not None:
-                utterances.append(utt)
+        lines = f.readlines()
+    probes: dict = {}
+    if check_audio:
+        cache = AudioProbeCache(path, cache_dir)
+        probes = cache.probe_all(_audio_paths(lines, manifest_dir))
+        cache.save()
+    n_lines = 0
+    for line_no, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue  # blank lines (e.g. a trailing newline) carry no utterance
+        n_lines += 1
+        utt, line_problems = _check_line(raw, manifest_dir, line_no, check_audio, max_duration, probes)
+        if utt is not None:
+            first = first_line_of_id.setdefault(utt.id, line_no)
+            if first != line_no:
+                line_problems = [f"duplicate id {utt.id!r} (first used on line {first}) — ids must be unique"]
+                utt = None
+        problems += [f"{path}:{line_no}: {p}" for p in line_problems]
+        if utt is not None:
+            utterances.append(utt)
 
     if n_lines == 0:
         raise ManifestError(f"manifest {path} has no utterances — " + _PREPARE_HINT.format(path=path))

@@ -1,7 +1,14 @@
 """Mid-epoch resume for the training data: each utterance seen once per epoch across restarts.
 
-Two pieces, because Lightning 2.6 offers exactly one moment at which the sampler position can
-be restored before the first batch is drawn:
+The sampler position is restored from two places, whichever comes first:
+
+* :class:`~efin.data.datamodule.SpeechDataModule` saves it in its own checkpoint entry and
+  applies it to every train sampler it builds. Lightning restores a datamodule before the
+  strategy calls ``configure_optimizers``, so this works even when an LR schedule reads
+  ``trainer.estimated_stepping_batches`` there, which builds the train loader *before* the fit
+  loop's state is restored (Lightning then never hands the loader its saved state).
+* the loader's own state in the fit loop, below (the only one in checkpoints written before
+  the datamodule kept the position; :class:`SamplerResumeCallback` forwards it).
 
 * :class:`ResumableDataLoader` is a DataLoader with ``state_dict``/``load_state_dict``
   (delegating to its :class:`~efin.data.sampler.DurationBucketSampler`). Lightning stores the
@@ -20,15 +27,28 @@ be restored before the first batch is drawn:
 
 Lightning calls checkpoint callbacks (ModelCheckpoint) after all other callbacks, so the count
 is up to date when a step-based checkpoint is written.
+
+The callback also saves the random number generators (torch, CUDA, numpy, python) with each
+checkpoint and restores them right before the first resumed training step, so the model's own
+random draws (dropout) are the uninterrupted run's. Data augmentation draws are not restored:
+worker processes seed themselves when the loader is iterated, and in-process loading fetches
+the next batch ahead of the step; augmented batches after a resume differ from the
+uninterrupted run's (the utterances in them do not).
 """
 
 from __future__ import annotations
 
+import logging
+import random
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
 
 
 class ResumableDataLoader(DataLoader):
@@ -69,6 +89,7 @@ class SamplerResumeCallback(L.Callback):
 
     def __init__(self) -> None:
         self.position: dict[str, int] = {"epoch": 0, "batches_consumed": 0}
+        self._rng_to_restore: dict | None = None
 
     def _report(self, trainer: L.Trainer) -> None:
         epoch = trainer.current_epoch
@@ -83,14 +104,60 @@ class SamplerResumeCallback(L.Callback):
         for sampler in _train_samplers(trainer):
             sampler.set_epoch(trainer.current_epoch)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         self._report(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer)
 
-    def state_dict(self) -> dict[str, int]:
-        return dict(self.position)
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint from before the datamodule kept the sampler position: hand the datamodule
+        # the loader state of the fit loop, so it is restored whatever builds the loader first.
+        datamodule = trainer.datamodule
+        if datamodule is None or type(datamodule).__qualname__ in checkpoint or not hasattr(datamodule, "load_state_dict"):
+            return
+        states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or []
+        if len(states) == 1 and states[0]:
+            datamodule.load_state_dict({"train_sampler": states[0]})
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.position = dict(state_dict)
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.position, "rng": _get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self._rng_to_restore = state.pop("rng", None)
+        self.position = state
+
+
+# Random generator states as tensors, lists and numbers only, so checkpoints stay loadable
+# with torch.load(weights_only=True).
+def _get_rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    try:
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        p = state["python"]
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another device count, an old layout
+        log.warning("resume: random generator states not restored (%s); random draws differ from the interrupted run", err)

@@ -120,6 +120,7 @@ class DurationBucketSampler(Sampler[list[int]]):
         self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) from load_state_dict
         self._progress: tuple[int, int] | None = None  # (epoch, consumed) reported by the trainer
         self._yielded: tuple[int, int] | None = None  # (epoch, position after the last yield)
+        self._loaded: dict | None = None  # the state last given to load_state_dict
 
     def _tighten(self, bucket: np.ndarray) -> list[np.ndarray]:
         """Halve a duration-sorted bucket until longest / shortest <= ``max_bucket_ratio``.
@@ -246,6 +247,12 @@ class DurationBucketSampler(Sampler[list[int]]):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state``'s position. Loading the same state again before iterating is a
+        no-op: the datamodule restores it when it builds the loader and Lightning may restore
+        the same state later (see efin.data.resume)."""
+        if self._loaded is not None and dict(state) == self._loaded:
+            return
+        self._loaded = dict(state)
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
         num_batches = len(self)
         plan = (state.get("num_batches"), state.get("num_replicas"), state.get("num_utterances"), state.get("seed"))

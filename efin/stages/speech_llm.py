@@ -120,6 +120,9 @@ class SpeechLLMStage(pl.LightningModule):
                 self.model.llm.eval()
         return self
 
+    def on_train_start(self) -> None:
+        self.train(True)  # also after a mid-epoch resume, where on_train_epoch_start is not called
+
     def on_train_epoch_start(self) -> None:
         self.train(True)
 
