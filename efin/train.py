@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from efin.artifacts import load_artifact, publish, save_artifact
 from efin.checkpoints import find_resume_checkpoint
+from efin.storage import check_writable, storage_errors
 
 log = logging.getLogger("efin.train")
 
@@ -84,6 +85,12 @@ def provenance(cfg: DictConfig, config_yaml: str, init: dict | None) -> dict:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one stage; returns the final metrics (val/* and test/*)."""
+    check_writable(cfg.paths.output_dir, "this run's checkpoints and artifact")
+    with storage_errors("checkpoints, results or the artifact", cfg.paths.output_dir):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     init = load_init_artifact(cfg)
     datamodule = instantiate(cfg.data)
