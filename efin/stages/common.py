@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
+from torch import nn
 
+from efin.models.protocols import SubsetVocabularyLM
 from efin.results import score, write_results
 from efin.text import normalize
 
@@ -115,3 +117,26 @@ def log_error_rates(module: LightningModule, transcripts: Transcripts, split: st
     module.log(f"{split}/cer/{dataset}", counts.cer, prog_bar=True, rank_zero_only=True)
     if split == "test" and module.trainer.is_global_zero:
         write_results(Path(module.trainer.default_root_dir) / "decode", dataset, records)
+
+
+def parameter_counts(parts: dict[str, nn.Module]) -> dict[str, int]:
+    """``params/<part>/trainable`` and ``params/<part>/total`` for each named part."""
+    counts = {}
+    for name, part in parts.items():
+        params = list(part.parameters())
+        counts[f"params/{name}/trainable"] = sum(p.numel() for p in params if p.requires_grad)
+        counts[f"params/{name}/total"] = sum(p.numel() for p in params)
+    return counts
+
+
+def trained_state_keys(module: nn.Module, llm: nn.Module, llm_prefix: str) -> set[str]:
+    """State-dict keys a checkpoint of ``module`` must hold: everything outside the LLM (at
+    ``llm_prefix``; its frozen weights are rebuilt from their source), the parameters that train,
+    plus a draft's head and its vocabulary ids (both come from the training texts)."""
+    keys = {k for k in module.state_dict() if not k.startswith(llm_prefix)}
+    keys |= {n for n, p in module.named_parameters() if p.requires_grad}
+    if isinstance(llm, SubsetVocabularyLM):
+        head = llm.get_output_embeddings().weight
+        keys.add(llm_prefix + "vocab_ids")
+        keys |= {n for n, p in module.named_parameters() if p is head}
+    return keys

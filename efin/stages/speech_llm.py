@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 from efin.artifacts import ArtifactError
 from efin.decoding.generate import ctc_transcribe, generate
 from efin.handoff import SpeechLLMStart, plain
-from efin.models.protocols import SubsetVocabularyLM, TokenCTC
+from efin.models.protocols import TokenCTC
 from efin.models.speech_llm import SpeechLLM
-from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, test_set_name
+from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, parameter_counts, test_set_name, trained_state_keys
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,7 @@ class SpeechLLMStage(pl.LightningModule):
         check_loss_weights(self.model.projector, h.lm_weight, h.ctc_weight)
         m = self.model
         rate = m.projector.audio_tokens_per_second(dm.featurizer.frames_per_second / m.encoder.subsampling)
-        counts = {}
-        for name, part in (("encoder", m.encoder), ("projector", m.projector), ("llm", m.llm)):
-            params = list(part.parameters())
-            counts[f"params/{name}/trainable"] = sum(p.numel() for p in params if p.requires_grad)
-            counts[f"params/{name}/total"] = sum(p.numel() for p in params)
+        counts = parameter_counts({"encoder": m.encoder, "projector": m.projector, "llm": m.llm})
         self.setup_summary = {"audio_tokens_per_second": rate, **counts}
         log.info(
             "SpeechLLM (llm=%s, adapter=%s, train_encoder=%s): %.1f audio tokens/s; trainable parameters: %s",
@@ -136,13 +132,7 @@ class SpeechLLMStage(pl.LightningModule):
 
     def _checkpoint_keys(self) -> set[str]:
         """State-dict keys a checkpoint must hold: encoder, projector and the LLM weights that change."""
-        keys = {k for k in self.state_dict() if not k.startswith("model.llm.")}
-        keys |= {n for n, p in self.named_parameters() if p.requires_grad}
-        if isinstance(self.model.llm, SubsetVocabularyLM):  # a draft's vocabulary comes from the training texts
-            head = self.model.llm.get_output_embeddings().weight
-            keys.add("model.llm.vocab_ids")
-            keys |= {n for n, p in self.named_parameters() if p is head}
-        return keys
+        return trained_state_keys(self, self.model.llm, llm_prefix="model.llm.")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._checkpoint_keys()
