@@ -31,18 +31,17 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from efin.data.manifest import Utterance, write_manifest
 from efin.data.synthetic.common import FORMAT_VERSION, SPLITS, CorpusError
 from efin.data.synthetic.sentences import generate_sentences
-from efin.data.synthetic.speech import Job, render_chunk, voice_sets
+from efin.data.synthetic.speech import chunk_jobs, plan_jobs, render_chunk, voice_sets
 from efin.text import normalize
 
 log = logging.getLogger(__name__)
@@ -87,43 +86,6 @@ _LOG_EVERY = 500
 
 # ----------------------------------------------------------------------------------------------
 # Corpus
-
-
-def _plan(
-    root: Path, sentences: dict[str, list[str]], voices: dict[str, list[str]], seed: int, params: dict
-) -> list[Job]:
-    jobs = []
-    for split in SPLITS:
-        for i, text in enumerate(sentences[split]):
-            # One RNG per utterance: its voice and prosody do not depend on the other splits' sizes.
-            rng = random.Random(f"{seed}/{split}/{i}")
-            utt_id = f"{split}-{i:06d}"
-            jobs.append(
-                Job(
-                    split=split,
-                    id=utt_id,
-                    text=text,
-                    voice=rng.choice(voices[split]),
-                    rate=rng.randint(*params["rate_range"]),
-                    pitch=rng.randint(*params["pitch_range"]),
-                    gain_db=round(rng.uniform(*params["gain_db_range"]), 2),
-                    pad_s=(
-                        round(rng.uniform(*params["pad_s_range"]), 3),
-                        round(rng.uniform(*params["pad_s_range"]), 3),
-                    ),
-                    path=str(root / "audio" / split / f"{utt_id}.flac"),
-                )
-            )
-    return jobs
-
-
-def _chunks(jobs: list[Job], size: int) -> Iterator[list[Job]]:
-    """Fixed-size chunks that never span two splits, so a split's audio does not depend on the
-    size of the splits rendered before it."""
-    for split in SPLITS:
-        in_split = [job for job in jobs if job.split == split]
-        for start in range(0, len(in_split), size):
-            yield in_split[start : start + size]
 
 
 @contextlib.contextmanager
@@ -321,12 +283,12 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
     )
     unseen_variants = voice_sets(params["accents"], params["test_variants"], params["test_voices"])[0]
     voices = {"train": train_voices, "dev": train_voices, "test": test_voices, "test_voices": unseen_variants}
-    jobs = _plan(root, by_split, voices, params["seed"], params)
+    jobs = plan_jobs(root, by_split, voices, params["seed"], params)
     for split in SPLITS:
         (root / "audio" / split).mkdir(parents=True, exist_ok=True)
 
     frames: list[int] = []
-    chunks = list(_chunks(jobs, _CHUNK))
+    chunks = list(chunk_jobs(jobs, _CHUNK))
     next_log = _LOG_EVERY
 
     def progress(done_frames: list[int]) -> None:

@@ -8,15 +8,16 @@ import atexit
 import ctypes
 import logging
 import os
+import random
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from efin.data.synthetic.common import ESPEAK_SAMPLE_RATE, CorpusError
+from efin.data.synthetic.common import ESPEAK_SAMPLE_RATE, SPLITS, CorpusError
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +235,38 @@ def render_chunk(jobs: list[Job], sample_rate: int) -> list[int]:
     return frames
 
 
+def plan_jobs(
+    root: Path, sentences: dict[str, list[str]], voices: dict[str, list[str]], seed: int, params: dict
+) -> list[Job]:
+    jobs = []
+    for split in SPLITS:
+        for i, text in enumerate(sentences[split]):
+            # One RNG per utterance: its voice and prosody do not depend on the other splits' sizes.
+            rng = random.Random(f"{seed}/{split}/{i}")
+            utt_id = f"{split}-{i:06d}"
+            jobs.append(
+                Job(
+                    split=split,
+                    id=utt_id,
+                    text=text,
+                    voice=rng.choice(voices[split]),
+                    rate=rng.randint(*params["rate_range"]),
+                    pitch=rng.randint(*params["pitch_range"]),
+                    gain_db=round(rng.uniform(*params["gain_db_range"]), 2),
+                    pad_s=(
+                        round(rng.uniform(*params["pad_s_range"]), 3),
+                        round(rng.uniform(*params["pad_s_range"]), 3),
+                    ),
+                    path=str(root / "audio" / split / f"{utt_id}.flac"),
+                )
+            )
+    return jobs
+
+
+def chunk_jobs(jobs: list[Job], size: int) -> Iterator[list[Job]]:
+    """Fixed-size chunks that never span two splits, so a split's audio does not depend on the
+    size of the splits rendered before it."""
+    for split in SPLITS:
+        in_split = [job for job in jobs if job.split == split]
+        for start in range(0, len(in_split), size):
+            yield in_split[start : start + size]
