@@ -118,7 +118,8 @@ def quote_audio_list(argv: list[str]) -> list[str]:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="transcribe")
+# An absolute path: the same lookup whether run as `python -m efin.transcribe` or called in-process.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="transcribe")
 def _main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     try:
