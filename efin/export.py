@@ -30,7 +30,7 @@ import torch
 from efin.artifacts import load_artifact
 from efin.data.audio import LogMel
 from efin.handoff import Part, SpeechLLMHandoff, assemble, build_encoder, build_projector
-from efin.inference import DRAFT_KEYWORDS, SpeechLLMRecognizer
+from efin.inference import DRAFT_KEYWORDS, EXPORT_META_FILE, SpeechLLMRecognizer
 from efin.models.draft import SubsetHeadLM
 from efin.models.llm import _ensure_pad_token
 from efin.models.llm_state import merge_lora
@@ -74,7 +74,7 @@ def export(artifact_path: str | Path, out: str | Path, cache_dir: str | None = N
         "features": handoff.features,
         "draft_vocab_ids": draft_vocab,
     }
-    (out / "efin_export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / EXPORT_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %s (%s, llm=%s) to %s", artifact_path, handoff.stage, meta["llm_tag"], out)
     return out
 
@@ -101,7 +101,7 @@ def _load_llm(directory: Path, draft_vocab: list[int] | None, dtype: torch.dtype
 
 def is_export(directory: str | Path) -> bool:
     """Whether ``directory`` looks like an :func:`export` directory."""
-    return (Path(directory) / "efin_export.json").is_file()
+    return (Path(directory) / EXPORT_META_FILE).is_file()
 
 
 def load_export(
@@ -120,7 +120,7 @@ def load_export(
     if not is_export(directory):
         raise FileNotFoundError(f"{directory} is not an efin export (no efin_export.json); make one with "
                                 "`python -m efin.export ARTIFACT --out DIR`")
-    meta = json.loads((directory / "efin_export.json").read_text())
+    meta = json.loads((directory / EXPORT_META_FILE).read_text())
     if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
         raise ValueError(f"{directory} is not an efin export (format {EXPORT_FORMAT} v{EXPORT_VERSION} expected)")
     encoder = build_encoder(Part(**torch.load(directory / "encoder.pt", map_location="cpu", weights_only=True)))

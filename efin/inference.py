@@ -38,6 +38,8 @@ DRAFT_KEYWORDS = ("ctc", "none", "auto")
 #: each costs a draft forward); the CTC draft's tokens are free, so long chunks of its sequence
 #: are verified at once (the one-pass fusion of prefill and verification).
 DEFAULT_MAX_DRAFT = {"model": 4, "ctc": 64, "none": 0}
+#: What marks an :mod:`efin.export` directory (a draft given to ``load_export`` is one).
+EXPORT_META_FILE = "efin_export.json"
 
 
 def speech_llm_from_artifact(artifact: dict, cache_dir: str | None = None) -> SpeechLLM:
@@ -102,7 +104,8 @@ def resolve_draft(draft: str | None, runs_dir: str | Path, name: str = "default"
     ``None`` (off) and the keywords ``ctc`` | ``none`` | ``auto`` pass through. A value with a
     path separator, or an existing directory, is an artifact path; anything else is a stage run
     of the experiment (``runs_dir`` = ``outputs/<name>``), resolved like ``stage_run`` to
-    ``<runs_dir>/<draft>/artifact``. A missing artifact raises :class:`ArtifactError` naming the
+    ``<runs_dir>/<draft>/artifact``; an :mod:`efin.export` directory passes too (a draft for
+    ``load_export``). A missing artifact raises :class:`ArtifactError` naming the
     command that makes it.
     """
     if draft is None or draft in DRAFT_KEYWORDS:
@@ -110,7 +113,7 @@ def resolve_draft(draft: str | None, runs_dir: str | Path, name: str = "default"
     draft = str(draft)
     is_path = "/" in draft or Path(draft).is_dir()
     path = Path(draft) if is_path else Path(runs_dir) / draft / "artifact"
-    if not (path / ARTIFACT_FILE).is_file() and not path.is_file():
+    if not (path / ARTIFACT_FILE).is_file() and not path.is_file() and not (path / EXPORT_META_FILE).is_file():
         if is_path:
             hint = "Pass a draft stage run of this experiment (decode.speculative.draft=llm_<draft llm>) or an artifact directory."
         else:

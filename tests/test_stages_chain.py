@@ -352,7 +352,7 @@ def greedy_tiny(chain):
     return _evaluate(root, data_dir, "llm_tiny", "greedy", ["decode=greedy", "batch_seconds=0.01"])
 
 
-@pytest.mark.parametrize("draft", ["ctc", "llm_tiny_draft"])
+@pytest.mark.parametrize("draft", ["ctc", "llm_tiny_draft", "none"])
 def test_speculative_evaluate_equals_greedy_and_writes_statistics(chain, greedy_tiny, draft):
     root, data_dir, _ = chain
     metrics, records = _evaluate(root, data_dir, "llm_tiny", f"spec_{draft}", [f"decode.speculative.draft={draft}"])
@@ -363,10 +363,13 @@ def test_speculative_evaluate_equals_greedy_and_writes_statistics(chain, greedy_
         assert st["target_forwards"] == len(st["accepted"]) == len(st["drafted"]) >= 1
         assert st["committed"] == sum(st["accepted"]) and all(a >= 1 for a in st["accepted"])
         assert all(d <= k for d, k in zip(st["accepted_draft"], st["drafted"]))
-        assert (st["draft_forwards"] > 0) == (draft != "ctc")  # the CTC draft costs no draft forward
+        assert (st["draft_forwards"] > 0) == (draft == "llm_tiny_draft")  # the CTC draft costs no draft forward
     summary = metrics["speculative"]
-    assert summary["config"]["draft"] == ("ctc" if draft == "ctc" else str(root / "outputs/default/llm_tiny_draft/artifact"))
-    assert summary["config"]["max_draft"] == (64 if draft == "ctc" else 4)  # null: per draft kind
+    model_draft = str(root / "outputs/default/llm_tiny_draft/artifact")
+    assert summary["config"]["draft"] == (model_draft if draft == "llm_tiny_draft" else draft)
+    assert summary["config"]["max_draft"] == {"ctc": 64, "llm_tiny_draft": 4, "none": 0}[draft]  # null: per draft kind
+    if draft == "none":  # autoregressive greedy in the same harness: one token per target forward
+        assert summary["mean_accepted_length"] == 1.0 and summary["target_forwards"] == summary["committed_tokens"]
     assert summary["mean_accepted_length_includes_bonus"] and summary["utterances"] == 8
     assert summary["committed_tokens"] == sum(r["speculative"]["committed"] for r in records.values())
     assert summary["target_forwards"] == sum(r["speculative"]["target_forwards"] for r in records.values())
