@@ -77,15 +77,15 @@ def speculative_summary(stats: list[UtteranceStats], config) -> dict:
     }
 
 
-def log_speculative(summary: dict) -> None:
+def log_speculative(summary: dict, logger: logging.Logger = log) -> None:
     """Print a speculative decoding summary (one line of counts, one of seconds)."""
-    log.info(
+    logger.info(
         "speculative (draft %s): %.2f tokens per target forward (bonus token included), acceptance %.1f%%, "
         "%.2f target + %.2f draft forwards per utterance, mean draft %.2f tokens",
         summary["config"]["draft"], summary["mean_accepted_length"], 100 * summary["acceptance_rate"],
         summary["target_forwards_per_utt"], summary["draft_forwards_per_utt"], summary["mean_draft_length"],
     )
-    log.info("speculative time: encoder %.2f s, prefill %.2f s, draft %.2f s, verify %.2f s (total %.2f s)",
+    logger.info("speculative time: encoder %.2f s, prefill %.2f s, draft %.2f s, verify %.2f s (total %.2f s)",
              summary["encoder_s"], summary["prefill_s"], summary["draft_s"], summary["verify_s"], summary["total_s"])
 
 

@@ -102,7 +102,7 @@ def transcribe(cfg: DictConfig) -> list[tuple[str, str]]:
         if speculative:
             stats += recognizer.last_stats
     if speculative:
-        log_speculative(speculative_summary(stats, recognizer.speculative_config))
+        log_speculative(speculative_summary(stats, recognizer.speculative_config), log)
     return out
 
 

@@ -471,3 +471,8 @@ def test_hf_export_decodes_speculatively_with_the_ctc_draft(chain, tmp_path):
     with_draft, _ = export_hf.load_export(out, speculative={"draft": str(draft), "max_draft": 3})
     assert with_draft.transcribe(feats, lens) == expected
     assert sum(s.draft_forwards for s in with_draft.last_stats) > 0
+    # efin.transcribe takes an export directory too: the CTC draft by default (auto)
+    from efin.transcribe import load_model
+
+    recognizer, _ = load_model(out, "cpu", {"speculative": {"draft": "auto"}})
+    assert recognizer.speculative.drafter.name == "ctc"
