@@ -117,7 +117,8 @@ def resolve_draft(draft: str | None, runs_dir: str | Path, name: str = "default"
         if is_path:
             hint = "Pass a draft stage run of this experiment (decode.speculative.draft=llm_<draft llm>) or an artifact directory."
         else:
-            hint = (f"Train the draft first: `{_run_command(draft, name)}` (its projector stage before it), "
+            before = " (after its projector stage)" if draft.startswith("llm_") else ""
+            hint = (f"Train the draft first: `{_run_command(draft, name)}`{before}, "
                     "or pass decode.speculative.draft=PATH/TO/artifact, or decode.speculative.draft=ctc.")
         raise ArtifactError(f"No draft artifact at {path} (decode.speculative.draft={draft}). {hint}")
     return str(path)
@@ -209,7 +210,8 @@ class SpeechLLMRecognizer:
         built = None
         if kind == "model":
             if draft_model is None:  # the same artifact-to-model path as the target
-                handoff = SpeechLLMHandoff.from_artifact(load_artifact(draft, expected_stage=("projector", "llm")))
+                hint = f"{where}: a draft is a projector or llm stage artifact (another LLM's, sharing the tokenizer)."
+                handoff = SpeechLLMHandoff.from_artifact(load_artifact(draft, expected_stage=("projector", "llm"), hint=hint))
                 draft_model = handoff.build(cache_dir)
             built = draft_model.to(self.device).eval()
         self.speculative_config = SpeculativeConfig(draft=str(draft), **options)

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from efin.artifacts import ARTIFACT_FILE, ArtifactError
-from efin.data.audio import AudioError, load_audio
+from efin.data.audio import SAMPLE_RATE, AudioError, load_audio
 from efin.evaluate import decode_options, log_speculative, speculative_summary
 from efin.export import is_export, load_export
 from efin.inference import load_recognizer
@@ -83,9 +83,7 @@ def transcribe(cfg: DictConfig) -> list[tuple[str, str]]:
     paths = audio_paths(cfg.audio)
     options = decode_options(cfg.decode, cfg.paths.exp_dir, cfg.name)
     # The featurizer's sample rate is known only from the artifact; every model in efin uses
-    # 16 kHz (efin.data.audio.SAMPLE_RATE), so check the files before paying for the model.
-    from efin.data.audio import SAMPLE_RATE
-
+    # 16 kHz (SAMPLE_RATE), so read the files at that rate before paying for the model.
     waves = load_files(paths, SAMPLE_RATE)
     try:
         recognizer, featurizer = load_model(cfg.artifact, cfg.device, options)

@@ -392,6 +392,8 @@ def test_speculative_option_errors(chain):
         _evaluate(root, data_dir, "llm_tiny", "err", ["decode=beam", "decode.speculative.draft=ctc"])
     with pytest.raises(ValueError, match="n-best rescoring"):
         _evaluate(root, data_dir, "llm_tiny", "err", ["decode=rescore", "decode.speculative.draft=ctc"])
+    with pytest.raises(ArtifactError, match="'encoder' artifact.*a draft is a projector or llm stage artifact"):
+        _evaluate(root, data_dir, "llm_tiny", "err", ["decode.speculative.draft=encoder"])
     # an artifact path works like a stage run name
     recognizer, _ = load_recognizer(root / "outputs/default/llm_tiny/artifact", speculative={
         "draft": str(root / "outputs/default/llm_tiny_draft/artifact"), "max_draft": 3})
