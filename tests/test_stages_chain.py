@@ -454,6 +454,8 @@ def test_transcribe_bad_input_names_the_file(chain, tmp_path, monkeypatch, capsy
     wav = next((data_dir / "synthetic-tiny").rglob("*.flac"), None) or next((data_dir / "synthetic-tiny").rglob("*.wav"))
     code, out, err = _transcribe_cli(monkeypatch, capsys, [f"artifact={tmp_path}/nowhere", f"audio={wav}"])
     assert code == 1 and f"no efin artifact at {tmp_path}/nowhere" in err
+    code, out, err = _transcribe_cli(monkeypatch, capsys, [f"artifact={tmp_path}", f"audio={wav}"])  # a directory, no artifact
+    assert code == 1 and f"artifact={tmp_path}: No stage artifact at {tmp_path}" in err
 
 
 def test_hf_export_decodes_speculatively_with_the_ctc_draft(chain, tmp_path):
