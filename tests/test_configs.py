@@ -77,7 +77,8 @@ def test_decode_modes_name_recognizer_options(mode, tmp_path):
     from efin.inference import CTCRecognizer, SpeechLLMRecognizer
 
     cfg = compose_config(["artifact=a", "manifest=m.jsonl", f"decode={mode}"], tmp_path, config_name="evaluate")
-    options = {k for k, v in cfg.decode.items() if v is not None}
+    # speculative decoding with draft null is off (no option); a mode that sets a draft is for LLM artifacts
+    options = {k for k, v in cfg.decode.items() if v is not None and not (k == "speculative" and v.draft is None)}
     known = set(inspect.signature(SpeechLLMRecognizer.__init__).parameters) | set(
         inspect.signature(CTCRecognizer.__init__).parameters)
     assert options <= known
@@ -163,3 +164,57 @@ def test_slurm_launcher_composes(tmp_path):
 def test_evaluate_config_composes(tmp_path):
     cfg = compose_config(["artifact=some/artifact", "manifest=some.jsonl"], tmp_path, config_name="evaluate")
     assert cfg.artifact == "some/artifact"
+
+
+def _yaml_comments(path: Path, node: str) -> dict[str, str]:
+    """{key: its inline comment} for the keys under ``node:`` (two-space indented block) of a YAML file."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{node}:"))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    out = {}
+    for line in lines[start + 1:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        if ":" in line and not line.strip().startswith("#"):
+            key, _, rest = line.strip().partition(":")
+            out[key] = rest.partition("#")[2].strip()
+    return out
+
+
+@pytest.mark.parametrize("config_name", ["evaluate", "transcribe"])
+def test_speculative_node_has_every_field_with_a_comment(config_name, tmp_path):
+    from dataclasses import fields
+
+    from efin.decoding.speculative import SpeculativeConfig
+
+    inputs = "audio=a.wav" if config_name == "transcribe" else "manifest=m.jsonl"
+    cfg = compose_config(["artifact=a", inputs], tmp_path, config_name=config_name)
+    assert set(cfg.decode.speculative) == {f.name for f in fields(SpeculativeConfig)}
+    comments = _yaml_comments(Path(CONF_DIR) / f"{config_name}.yaml", "speculative")
+    assert set(comments) == set(cfg.decode.speculative) and all(comments.values()), comments
+    # off in evaluate unless asked for; transcribe drafts with the CTC projector when there is one
+    assert cfg.decode.speculative.draft == (None if config_name == "evaluate" else "auto")
+    # every default but the draft-dependent ones is SpeculativeConfig's
+    defaults = SpeculativeConfig()
+    for key, value in cfg.decode.speculative.items():
+        if key not in ("draft", "max_draft"):
+            assert value == getattr(defaults, key), key
+
+
+def test_transcribe_config_composes_with_evaluates_decode_options(tmp_path):
+    cfg = compose_config(["artifact=a", "audio=[a.wav,b.flac]"], tmp_path, config_name="transcribe")
+    assert list(cfg.audio) == ["a.wav", "b.flac"]
+    evaluate = compose_config(["artifact=a", "manifest=m.jsonl"], tmp_path, config_name="evaluate")
+    assert set(cfg.decode) == set(evaluate.decode)  # same options, same names
+    for mode in DECODE:  # every decode mode applies to transcribe too
+        compose_config(["artifact=a", "audio=a.wav", f"decode={mode}"], tmp_path, config_name="transcribe")
+    spec = compose_config(["artifact=a", "manifest=m", "decode=speculative"], tmp_path, config_name="evaluate").decode
+    assert spec.speculative.draft == "ctc" and spec.num_beams == 1
+
+
+def test_transcribe_reads_a_comma_list_of_files():
+    from efin.transcribe import audio_paths, quote_audio_list
+
+    argv = quote_audio_list(["artifact=x", "audio=a.wav,dir/b c.flac,it's.wav", "audio=[x.wav]"])
+    assert argv == ["artifact=x", "audio=['a.wav','dir/b c.flac','it\\'s.wav']", "audio=[x.wav]"]
+    assert audio_paths("a.wav") == ["a.wav"] and audio_paths(["a.wav", "b.flac"]) == ["a.wav", "b.flac"]

@@ -328,3 +328,155 @@ def test_ctc_loss_weights_need_a_ctc_projector(chain):
     with pytest.raises(ValueError, match="need a CTC projector.*set ctc_weight=0 and lm_weight=1"):
         check_loss_weights(model.projector, m.lm_weight, m.ctc_weight)
     check_loss_weights(model.projector, lm_weight=1, ctc_weight=0)  # the LM-loss recipe builds
+
+
+# ---- speculative decoding as a decode option (evaluate, transcribe, export) ----------------------
+
+
+def _evaluate(root: Path, data_dir: Path, run: str, out: str, extra: list[str]) -> tuple[dict, dict]:
+    """Run efin.evaluate on the tiny test set; returns (metrics, {id: record})."""
+    from efin.evaluate import evaluate
+
+    out_dir = root / "eval" / out
+    cfg = compose_config([f"stage_run={run}", f"manifest={data_dir}/synthetic-tiny/test.jsonl", f"out_dir={out_dir}",
+                          "num_workers=0", *extra], root, data_dir, config_name="evaluate")
+    metrics = evaluate(cfg)
+    records = {r["id"]: r for r in map(json.loads, (out_dir / "test.hyps.jsonl").read_text().splitlines())}
+    return metrics, records
+
+
+@pytest.fixture(scope="module")
+def greedy_tiny(chain):
+    """llm_tiny's greedy transcripts, one utterance per batch (speculative decoding is unpadded)."""
+    root, data_dir, _ = chain
+    return _evaluate(root, data_dir, "llm_tiny", "greedy", ["decode=greedy", "batch_seconds=0.01"])
+
+
+@pytest.mark.parametrize("draft", ["ctc", "llm_tiny_draft", "none"])
+def test_speculative_evaluate_equals_greedy_and_writes_statistics(chain, greedy_tiny, draft):
+    root, data_dir, _ = chain
+    metrics, records = _evaluate(root, data_dir, "llm_tiny", f"spec_{draft}", [f"decode.speculative.draft={draft}"])
+    _, greedy = greedy_tiny
+    assert {k: r["hyp"] for k, r in records.items()} == {k: r["hyp"] for k, r in greedy.items()} and len(records) == 8
+    for r in records.values():
+        st = r["speculative"]
+        assert st["target_forwards"] == len(st["accepted"]) == len(st["drafted"]) >= 1
+        assert st["committed"] == sum(st["accepted"]) and all(a >= 1 for a in st["accepted"])
+        assert all(d <= k for d, k in zip(st["accepted_draft"], st["drafted"]))
+        assert (st["draft_forwards"] > 0) == (draft == "llm_tiny_draft")  # the CTC draft costs no draft forward
+    summary = metrics["speculative"]
+    model_draft = str(root / "outputs/default/llm_tiny_draft/artifact")
+    assert summary["config"]["draft"] == (model_draft if draft == "llm_tiny_draft" else draft)
+    assert summary["config"]["max_draft"] == {"ctc": 64, "llm_tiny_draft": 4, "none": 0}[draft]  # null: per draft kind
+    if draft == "none":  # autoregressive greedy in the same harness: one token per target forward
+        assert summary["mean_accepted_length"] == 1.0 and summary["target_forwards"] == summary["committed_tokens"]
+    assert summary["mean_accepted_length_includes_bonus"] and summary["utterances"] == 8
+    assert summary["committed_tokens"] == sum(r["speculative"]["committed"] for r in records.values())
+    assert summary["target_forwards"] == sum(r["speculative"]["target_forwards"] for r in records.values())
+    assert summary["mean_accepted_length"] >= 1.0 and 0.0 <= summary["acceptance_rate"] <= 1.0
+    assert {"encoder_s", "prefill_s", "draft_s", "verify_s"} <= set(summary)
+    saved = json.loads((root / "eval" / f"spec_{draft}" / "test.metrics.json").read_text())
+    assert saved["speculative"]["target_forwards"] == summary["target_forwards"]
+
+
+def test_speculative_option_errors(chain):
+    root, data_dir, _ = chain
+    with pytest.raises(ArtifactError, match=r"No draft artifact .*llm_nope.*python -m efin\.train stage=llm llm=nope name=default"):
+        _evaluate(root, data_dir, "llm_tiny", "err", ["decode.speculative.draft=llm_nope"])
+    # the draft is looked up in this experiment (name=); a draft's projector stage has its recipe
+    with pytest.raises(ArtifactError, match=r"outputs/other/projector_tiny_draft.*experiment=tiny_draft_projector name=other"):
+        _evaluate(root, data_dir, "llm_tiny", "err", ["decode.speculative.draft=projector_tiny_draft", "name=other"])
+    with pytest.raises(ValueError, match="encoder artifact.*needs a projector or llm artifact"):
+        _evaluate(root, data_dir, "encoder", "err", ["decode.speculative.draft=ctc"])
+    with pytest.raises(ValueError, match="not beam search"):
+        _evaluate(root, data_dir, "llm_tiny", "err", ["decode=beam", "decode.speculative.draft=ctc"])
+    with pytest.raises(ValueError, match="n-best rescoring"):
+        _evaluate(root, data_dir, "llm_tiny", "err", ["decode=rescore", "decode.speculative.draft=ctc"])
+    with pytest.raises(ArtifactError, match="'encoder' artifact.*a draft is a projector or llm stage artifact"):
+        _evaluate(root, data_dir, "llm_tiny", "err", ["decode.speculative.draft=encoder"])
+    # an artifact path works like a stage run name
+    recognizer, _ = load_recognizer(root / "outputs/default/llm_tiny/artifact", speculative={
+        "draft": str(root / "outputs/default/llm_tiny_draft/artifact"), "max_draft": 3})
+    assert recognizer.speculative.drafter.share_encoder  # frozen encoder: equal weights, one copy
+    assert recognizer.speculative.drafter.draft.encoder is recognizer.model.encoder
+
+
+def _transcribe_cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str, str]:
+    """Run ``python -m efin.transcribe ARGS`` in this process: (exit code, stdout, stderr)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from efin import transcribe
+
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr("sys.argv", ["efin.transcribe", *args])
+    code = 0
+    try:
+        transcribe.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("run", ["llm_tiny", "encoder"])
+def test_transcribe_prints_one_line_per_file_equal_to_evaluate(chain, greedy_tiny, run, monkeypatch, capsys, caplog):
+    from efin.data.manifest import load_manifest
+    from efin.text import normalize
+
+    root, data_dir, _ = chain
+    caplog.set_level("INFO", logger="efin")
+    utts = load_manifest(data_dir / "synthetic-tiny" / "test.jsonl")[:3]
+    assert all(u.offset == 0 for u in utts)  # whole files, as transcribe reads them
+    files = [u.audio_filepath for u in utts]
+    args = [f"artifact={root}/outputs/default/{run}/artifact", "audio=" + ",".join(str(f) for f in files),
+            f"paths.root_dir={root}"]
+    code, out, err = _transcribe_cli(monkeypatch, capsys, args)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(f) for f in files]
+    if run == "llm_tiny":  # speculative with the CTC draft by default; greedy's transcripts
+        expected = {k: r["hyp"] for k, r in greedy_tiny[1].items()}
+        assert "speculative (draft ctc)" in caplog.text  # the summary (stderr on the command line)
+    else:  # the encoder's CTC + word LM, as evaluate decodes it
+        expected = {k: r["hyp"] for k, r in _evaluate(root, data_dir, "encoder", "encoder_lm_t", [])[1].items()}
+    assert [normalize(line.split("\t", 1)[1]) for line in lines] == [expected[u.id] for u in utts]
+
+
+def test_transcribe_bad_input_names_the_file(chain, tmp_path, monkeypatch, capsys):
+    root, data_dir, _ = chain
+    artifact = f"artifact={root}/outputs/default/llm_tiny/artifact"
+    code, out, err = _transcribe_cli(monkeypatch, capsys, [artifact, f"audio={tmp_path}/missing.wav"])
+    assert code == 1 and out == "" and f"audio file not found: {tmp_path}/missing.wav" in err
+    bad = tmp_path / "bad.flac"
+    bad.write_bytes(b"not audio at all")
+    code, out, err = _transcribe_cli(monkeypatch, capsys, [artifact, f"audio={bad}"])
+    assert code == 1 and f"unreadable audio file {bad}" in err and len(err.strip().splitlines()) == 1
+    wav = next((data_dir / "synthetic-tiny").rglob("*.flac"), None) or next((data_dir / "synthetic-tiny").rglob("*.wav"))
+    code, out, err = _transcribe_cli(monkeypatch, capsys, [f"artifact={tmp_path}/nowhere", f"audio={wav}"])
+    assert code == 1 and f"no efin artifact at {tmp_path}/nowhere" in err
+    code, out, err = _transcribe_cli(monkeypatch, capsys, [f"artifact={tmp_path}", f"audio={wav}"])  # a directory, no artifact
+    assert code == 1 and f"artifact={tmp_path}: No stage artifact at {tmp_path}" in err
+
+
+def test_hf_export_decodes_speculatively_with_the_ctc_draft(chain, tmp_path):
+    from efin import export as export_hf
+
+    root, _, _ = chain
+    artifact = root / "outputs" / "default" / "llm_tiny" / "artifact"
+    out = export_hf.export(artifact, tmp_path / "export")
+    feats, lens = torch.randn(3, 150, 80, generator=torch.Generator().manual_seed(0)), torch.tensor([150, 120, 90])
+    greedy, _ = export_hf.load_export(out)
+    speculative, _ = export_hf.load_export(out, speculative={"draft": "ctc"})
+    assert speculative.speculative.drafter.name == "ctc"
+    expected = [greedy.transcribe(feats[i : i + 1, : lens[i]], lens[i : i + 1])[0] for i in range(3)]
+    assert speculative.transcribe(feats, lens) == expected and len(speculative.last_stats) == 3
+    # a trained draft is its own export
+    draft = export_hf.export(root / "outputs" / "default" / "llm_tiny_draft" / "artifact", tmp_path / "draft")
+    with_draft, _ = export_hf.load_export(out, speculative={"draft": str(draft), "max_draft": 3})
+    assert with_draft.transcribe(feats, lens) == expected
+    assert sum(s.draft_forwards for s in with_draft.last_stats) > 0
+    # efin.transcribe takes an export directory too: the CTC draft by default (auto)
+    from efin.transcribe import load_model
+
+    recognizer, _ = load_model(out, "cpu", {"speculative": {"draft": "auto"}})
+    assert recognizer.speculative.drafter.name == "ctc"
