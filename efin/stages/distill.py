@@ -217,7 +217,7 @@ class DistillTarget:
             why = f"end token {model.prompt.end_id} vs {draft.prompt.end_id}"
         if why is not None:
             raise ArtifactError(
-                f"the distillation target (llm={handoff.llm.tag}) and the draft use different tokenizers ({why}); "
+                f"the distillation target (llm={handoff.llm.tag}) and the draft use different tokenizers (target vs draft: {why}); "
                 "distillation compares their next-token distributions id by id, so the draft must share its "
                 "target's tokenizer (a draft cut from that target, e.g. llm=<target>_draft)"
             )

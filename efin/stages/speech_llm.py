@@ -86,9 +86,7 @@ class SpeechLLMStage(pl.LightningModule):
         self.transcripts = EvalTranscripts()
         self._generate_left = 0
         self.distill = DistillOptions(**(plain(distill) or {}))
-        # Loaded now, so a missing target fails before data preparation; built in configure_model.
-        self._target_artifact = self.distill.load() if self.distill.enabled else None
-        self.target: DistillTarget | None = None
+        self.target: DistillTarget | None = None  # built in configure_model, next to the draft
         if self.distill.enabled and lm_weight <= 0:
             raise ValueError("stage.module.distill needs the LLM to run in training: set lm_weight > 0")
 
@@ -101,14 +99,15 @@ class SpeechLLMStage(pl.LightningModule):
         if self.model is not None:
             return
         h, dm = self.hparams, self.trainer.datamodule
+        # First, so a missing target (an error naming the command that makes it) costs no model build.
+        target_artifact = self.distill.load() if self.distill.enabled else None
         fitting = self.trainer.state.fn == TrainerFn.FITTING
         texts = [u.text for u in dm.train_utterances] if fitting else None  # rank draft/CTC vocabularies
         self.model = self.start.build(dict(dm.featurizer.config), texts, dm.feature_stats if fitting else None)
         self.model.encoder.requires_grad_(h.train_encoder)
         check_loss_weights(self.model.projector, h.lm_weight, h.ctc_weight)
-        if self._target_artifact is not None:
-            self.target = DistillTarget.build(self._target_artifact, self.model, self.start.features, h.train_encoder)
-            self._target_artifact = None  # the built target holds what it needs
+        if target_artifact is not None:
+            self.target = DistillTarget.build(target_artifact, self.model, self.start.features, h.train_encoder)
         m = self.model
         rate = m.projector.audio_tokens_per_second(dm.featurizer.frames_per_second / m.encoder.subsampling)
         counts = parameter_counts({"encoder": m.encoder, "projector": m.projector, "llm": m.llm})
