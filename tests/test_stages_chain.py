@@ -3,6 +3,8 @@
 Checks what each stage trains (and that frozen weights do not move), the LLM handoff (LoRA
 and draft weights reload to identical logits), that the recognizer rebuilt from an artifact
 reproduces the stage's test transcripts, and the errors for a missing or mismatched artifact.
+Also a draft distilled from the tiny target: it trains, exports, decodes, and moves towards the
+target (KL down, agreement up) where the LM loss alone does not.
 """
 
 from __future__ import annotations
@@ -480,3 +482,101 @@ def test_hf_export_decodes_speculatively_with_the_ctc_draft(chain, tmp_path):
 
     recognizer, _ = load_model(out, "cpu", {"speculative": {"draft": "auto"}})
     assert recognizer.speculative.drafter.name == "ctc"
+
+# ---- drafts distilled from their target (efin.stages.distill) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def distilled(chain):
+    """The tiny draft distilled from llm_tiny (the recipe), and a plain draft run that only
+    measures its agreement with the target (weight 0); both start where llm_tiny_draft did."""
+    root, data_dir, runs = chain
+    runs["llm_tiny_draft_distill"] = run_stage(root, data_dir, ["experiment=tiny_draft_distill"])
+    runs["llm_tiny_draft_measure"] = run_stage(root, data_dir, [
+        "stage=llm", "llm=tiny_draft", "stage.run_name=llm_tiny_draft_measure",
+        "stage.module.distill.target=llm_tiny", "stage.module.distill.weight=0"])
+    return root, data_dir, runs
+
+
+def _dev_agreement(root: Path, data_dir: Path, draft_run: str) -> dict:
+    """Teacher-forced KL(target || draft) over the draft's head and argmax agreement with llm_tiny
+    on the whole dev set (one batch), from the artifacts; also the target's logits both ways."""
+    from efin.data.dataset import SpeechDataset, collate
+    from efin.data.manifest import load_manifest
+    from efin.inference import load_recognizer, speech_llm_from_artifact
+    from efin.stages.distill import DistillTarget, agreement, subset_kl
+
+    artifact = _artifact(root, draft_run)
+    draft = speech_llm_from_artifact(artifact).eval()
+    target = DistillTarget.build(_artifact(root, "llm_tiny"), draft, artifact["features"], train_encoder=False)
+    _, featurizer = load_recognizer(root / "outputs" / "default" / draft_run / "artifact")
+    batch = collate([SpeechDataset(load_manifest(data_dir / "synthetic-tiny" / "dev.jsonl"), featurizer)[i] for i in range(8)])
+    with torch.no_grad():
+        out = draft(batch["feats"], batch["feat_lens"], batch["texts"])
+        teacher = target.label_logits(out, batch["feats"], batch["feat_lens"])
+        target.share_encoder = not target.share_encoder
+        other = target.label_logits(out, batch["feats"], batch["feat_lens"])
+        scored = out.label_logits
+        return {"kl": subset_kl(teacher, scored.logits, scored.vocab_ids).item(),
+                "agree": agreement(teacher, scored).float().mean().item(), "positions": scored.labels.numel(),
+                "shared": not target.share_encoder, "teacher": teacher, "teacher_own_encoder": other}
+
+
+def test_distilled_draft_trains_exports_decodes_and_moves_towards_the_target(distilled):
+    root, data_dir, runs = distilled
+    run = runs["llm_tiny_draft_distill"]
+    for key in ("train/agree", "train/distill_loss", "val/agree/dev", "val/distill_loss/dev", "test/agree/test"):
+        assert key in run["metrics"], key
+    assert 0.0 <= run["metrics"]["val/agree/dev"] <= 1.0
+    parts = _parts(run["all"])
+    assert run["trainable"] == parts["projector"] | parts["llm"]  # the target trains nothing and is no parameter here
+    assert run["changed"] and not (run["changed"] & parts["encoder"])
+    # the artifact holds the draft only: the same entries as the plain draft's, no target weights
+    art, plain_art = _artifact(root, "llm_tiny_draft_distill"), _artifact(root, "llm_tiny_draft")
+    assert set(art) == set(plain_art) and set(art["llm"]["weights"]["full"]) == set(plain_art["llm"]["weights"]["full"])
+    assert art["llm"]["spec"]["tag"] == "tiny_draft"
+    recognizer, _ = load_recognizer(root / "outputs" / "default" / "llm_tiny_draft_distill" / "artifact")
+    assert len(recognizer.transcribe(torch.randn(2, 120, 80), torch.tensor([120, 90]))) == 2
+
+    start = _dev_agreement(root, data_dir, "projector_tiny_draft")
+    lm_only = _dev_agreement(root, data_dir, "llm_tiny_draft")  # same start, seed and batches, LM loss alone
+    kd = _dev_agreement(root, data_dir, "llm_tiny_draft_distill")
+    # equal encoders: the target reads the draft's encoder output, and gets the same logits as with its own
+    assert kd["shared"] and torch.allclose(kd["teacher"], kd["teacher_own_encoder"], atol=1e-5)
+    assert kd["positions"] > 100
+    assert kd["kl"] < 0.9 * start["kl"] and kd["kl"] < 0.9 * lm_only["kl"]
+    assert kd["agree"] > lm_only["agree"]
+
+
+def test_weight_zero_measures_agreement_without_changing_training(distilled):
+    root, _, runs = distilled
+    measured = runs["llm_tiny_draft_measure"]["metrics"]
+    assert 0.0 <= measured["val/agree/dev"] <= 1.0 and "train/agree" in measured
+    # the LM loss alone trained it: the same weights as the plain draft run
+    a = _artifact(root, "llm_tiny_draft_measure")["llm"]["weights"]["full"]
+    b = _artifact(root, "llm_tiny_draft")["llm"]["weights"]["full"]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert measured["val/wer/dev"] == pytest.approx(runs["llm_tiny_draft"]["metrics"]["val/wer/dev"])
+
+
+def test_missing_distill_target_names_the_command(chain):
+    root, data_dir, _ = chain
+    cfg = compose_config(TINY + ["experiment=tiny_draft_distill", "name=fresh",
+                                 f"init_from={root}/outputs/default/projector_tiny_draft/artifact"], root, data_dir)
+    with pytest.raises(ArtifactError, match=r"python -m efin\.train stage=llm llm=tiny name=fresh"):
+        train(cfg)
+
+
+def test_distill_target_with_another_tokenizer_is_refused(chain):
+    from efin.inference import speech_llm_from_artifact
+    from efin.models.llm import build_tiny_tokenizer
+    from efin.stages.distill import DistillTarget
+
+    root, _, _ = chain
+    artifact = _artifact(root, "llm_tiny_draft")
+    draft = speech_llm_from_artifact(artifact)
+    other = build_tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    draft.tokenizer = other
+    with pytest.raises(ArtifactError, match=r"different tokenizers \(target vs draft: 102 vs 103 tokens\)"):
+        DistillTarget.build(_artifact(root, "llm_tiny"), draft, artifact["features"], train_encoder=False)

@@ -32,6 +32,35 @@ class SpeechLLMOutput:
     num_tokens: int
     keep: torch.Tensor
     ctc_loss: torch.Tensor | None = None
+    #: (B, T', D) encoder output and (B,) lengths, for a second model on the same audio (distillation).
+    encoded: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: per item, transcript token ids + end token (:meth:`PromptBuilder.encode_transcripts`).
+    targets: list[list[int]] | None = None
+    #: :class:`LabelLogits` at every label position; None when the LLM was skipped.
+    label_logits: LabelLogits | None = None
+
+
+@dataclass
+class LabelLogits:
+    """Teacher-forced next-token logits at the label positions of a batch.
+
+    logits: (N, S) float32, the head's scores for the token at each of the N label positions
+        (transcript tokens and end tokens, row-major over the batch); S is the head's
+        vocabulary: the full vocabulary V, or a draft's subset (``vocab_ids``).
+    labels: (N,) long, the full-vocabulary id that follows at each position.
+    vocab_ids: (S,) long full-vocabulary ids of the logit columns; None when S = V.
+
+    Two models given the same ``targets``/``keep`` (and tokenizer) yield the same N positions
+    in the same order, whatever their prompts, so their rows can be compared one to one.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    vocab_ids: torch.Tensor | None = None
+
+    def full_ids(self, columns: torch.Tensor) -> torch.Tensor:
+        """Column indices (any shape) -> full-vocabulary token ids."""
+        return columns if self.vocab_ids is None else self.vocab_ids[columns]
 
 
 class SpeechLLM(nn.Module):
@@ -116,20 +145,36 @@ class SpeechLLM(nn.Module):
             logits, logit_lens = self.projector.token_logits(hidden, lens)
             ctc = self.projector.ctc_loss(logits, logit_lens, [t[:-1] for t in targets])  # no end token
             if not lm:
-                return SpeechLLMOutput(ctc.new_zeros(()), 0, keep, ctc)
-            speech, lens = self.projector.embed(logits, logit_lens)
+                return SpeechLLMOutput(ctc.new_zeros(()), 0, keep, ctc, (hidden, lens), targets)
         elif not lm:
             raise ValueError("lm=False leaves nothing to train: this projector has no CTC loss")
-        else:
-            speech, lens = self.projector(hidden, lens)
-        speech = speech.to(self.llm.get_input_embeddings().weight.dtype)
-        inputs = self.prompt.training_inputs(self.llm.get_input_embeddings(), speech, lens, targets, keep)
-        loss, n = self.lm_loss(inputs)
-        return SpeechLLMOutput(loss, n, keep, ctc)
+        scored = self.teacher_forced(hidden, lens, targets, keep, ctc_logits=(logits, logit_lens) if self.has_ctc else None)
+        loss, n = self.cross_entropy(scored)
+        return SpeechLLMOutput(loss, n, keep, ctc, (hidden, lens), targets, scored)
 
-    def lm_loss(self, inputs: LLMInputs) -> tuple[torch.Tensor, int]:
-        """Cross-entropy over label positions only: the output head, the costly part for a big
-        vocabulary, runs on transcript positions and not on the prompt or audio."""
+    def teacher_forced(
+        self, hidden: torch.Tensor, lens: torch.Tensor, targets: list[list[int]], keep: torch.Tensor,
+        ctc_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> LabelLogits:
+        """Logits at the label positions of ``targets`` given the encoder output.
+
+        Args:
+            hidden: (B, T', D) encoder output; lens: (B,) valid frames.
+            targets, keep: from :meth:`PromptBuilder.encode_transcripts` (possibly another
+                model's: same tokenizer, same ids).
+            ctc_logits: a CTC projector's ``token_logits`` when already computed.
+        """
+        if self.has_ctc:
+            logits, logit_lens = ctc_logits if ctc_logits is not None else self.projector.token_logits(hidden, lens)
+            speech, speech_lens = self.projector.embed(logits, logit_lens)
+        else:
+            speech, speech_lens = self.projector(hidden, lens)
+        speech = speech.to(self.llm.get_input_embeddings().weight.dtype)
+        return self.label_logits(self.prompt.training_inputs(self.llm.get_input_embeddings(), speech, speech_lens, targets, keep))
+
+    def label_logits(self, inputs: LLMInputs) -> LabelLogits:
+        """The head runs on label positions only: for a big vocabulary it is the costly part,
+        and the prompt and audio positions need no scores."""
         decoder = self.llm.get_decoder()
         hidden = decoder(
             inputs_embeds=inputs.inputs_embeds,
@@ -138,13 +183,24 @@ class SpeechLLM(nn.Module):
             use_cache=False,
         ).last_hidden_state
         labels = inputs.labels[:, 1:]
-        if isinstance(self.llm, SubsetVocabularyLM):  # a draft's head scores only its subset of the vocabulary
-            labels = self.llm.subset_labels(labels)
         selected = labels != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][selected]).float()
-        n = int(selected.sum())
-        loss = F.cross_entropy(logits, labels[selected], reduction="sum") / max(n, 1)
+        vocab_ids = self.llm.vocab_ids if isinstance(self.llm, SubsetVocabularyLM) else None
+        return LabelLogits(logits, labels[selected], vocab_ids)
+
+    def cross_entropy(self, scored: LabelLogits) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy (nats) over the label positions the head can score, and their count
+        (a draft's head skips tokens outside its subset)."""
+        labels = scored.labels
+        if isinstance(self.llm, SubsetVocabularyLM):
+            labels = self.llm.subset_labels(labels)
+        n = int((labels != IGNORE_INDEX).sum())
+        loss = F.cross_entropy(scored.logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / max(n, 1)
         return loss, n
+
+    def lm_loss(self, inputs: LLMInputs) -> tuple[torch.Tensor, int]:
+        """Cross-entropy over label positions only (see :meth:`label_logits`, :meth:`cross_entropy`)."""
+        return self.cross_entropy(self.label_logits(inputs))
 
     # ------------------------------------------------------------------------------------------
 

@@ -8,6 +8,10 @@ only, so the LLM is not run while training). The projector always trains.
 The starting point, its checks and the model build are :class:`efin.handoff.SpeechLLMStart`'s;
 the model is built in :meth:`configure_model` (so a sharding strategy can wrap it later), once
 the datamodule has loaded its manifests. This module keeps the steps, optimizer and logging.
+
+A draft can be trained to agree with its target (``distill``, :mod:`efin.stages.distill`):
+the target runs frozen on the same batches, its distribution joins the LM term, and
+``train/agree`` / ``val/agree/dev`` report how often the two argmaxes match.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from efin.handoff import SpeechLLMStart, plain
 from efin.models.protocols import TokenCTC
 from efin.models.speech_llm import SpeechLLM
 from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, parameter_counts, test_set_name, trained_state_keys
+from efin.stages.distill import DistillOptions, DistillTarget, agreement, distill_loss
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +57,16 @@ class SpeechLLMStage(pl.LightningModule):
             validation (val/wer/dev); None = all, 0 = none. The losses use the whole dev set.
         lm_weight: weight of the LLM's cross-entropy (0: the LLM is skipped in training steps).
         ctc_weight: weight of the CTC projector's loss (needs a CTC projector when > 0).
+        distill: :class:`efin.stages.distill.DistillOptions` (``target`` null = off): train a
+            draft to agree with a target (KL to its distribution mixed into the LM term) and log
+            ``train/agree`` / ``val/agree/dev``.
     """
 
     def __init__(
         self, encoder: DictConfig, projector: DictConfig, llm: DictConfig, optimizer: DictConfig,
         adapter: str = "frozen", train_encoder: bool = False, encoder_lr: float = 1e-5,
         val_generate_max_utterances: int | None = 100, lm_weight: float = 1.0, ctc_weight: float = 0.0,
+        distill: DictConfig | dict | None = None,
     ):
         super().__init__()
         encoder, projector, llm, optimizer = plain(encoder), plain(projector), plain(llm), plain(optimizer)
@@ -65,6 +74,7 @@ class SpeechLLMStage(pl.LightningModule):
             "encoder": encoder, "projector": projector, "llm": llm, "optimizer": optimizer, "adapter": adapter,
             "train_encoder": train_encoder, "encoder_lr": encoder_lr,
             "val_generate_max_utterances": val_generate_max_utterances, "lm_weight": lm_weight, "ctc_weight": ctc_weight,
+            "distill": plain(distill),
         })
         if val_generate_max_utterances is not None and val_generate_max_utterances < 0:
             raise ValueError("val_generate_max_utterances must be >= 0 (0: no val/wer/dev) or null (all)")
@@ -75,6 +85,10 @@ class SpeechLLMStage(pl.LightningModule):
         self.strict_loading = False
         self.transcripts = EvalTranscripts()
         self._generate_left = 0
+        self.distill = DistillOptions(**(plain(distill) or {}))
+        self.target: DistillTarget | None = None  # built in configure_model, next to the draft
+        if self.distill.enabled and lm_weight <= 0:
+            raise ValueError("stage.module.distill needs the LLM to run in training: set lm_weight > 0")
 
     def init_from_artifact(self, artifact: dict) -> None:
         """Start from an encoder, projector or llm artifact (checked here and when the model is built)."""
@@ -85,11 +99,15 @@ class SpeechLLMStage(pl.LightningModule):
         if self.model is not None:
             return
         h, dm = self.hparams, self.trainer.datamodule
+        # First, so a missing target (an error naming the command that makes it) costs no model build.
+        target_artifact = self.distill.load() if self.distill.enabled else None
         fitting = self.trainer.state.fn == TrainerFn.FITTING
         texts = [u.text for u in dm.train_utterances] if fitting else None  # rank draft/CTC vocabularies
         self.model = self.start.build(dict(dm.featurizer.config), texts, dm.feature_stats if fitting else None)
         self.model.encoder.requires_grad_(h.train_encoder)
         check_loss_weights(self.model.projector, h.lm_weight, h.ctc_weight)
+        if target_artifact is not None:
+            self.target = DistillTarget.build(target_artifact, self.model, self.start.features, h.train_encoder)
         m = self.model
         rate = m.projector.audio_tokens_per_second(dm.featurizer.frames_per_second / m.encoder.subsampling)
         counts = parameter_counts({"encoder": m.encoder, "projector": m.projector, "llm": m.llm})
@@ -144,14 +162,19 @@ class SpeechLLMStage(pl.LightningModule):
             raise ArtifactError(f"checkpoint lacks {len(missing)} weights this stage trains, e.g. {missing[:3]}")
 
     # ---- steps --------------------------------------------------------------------------
-    def _log_losses(self, split: str, dataset: str, out, size: int) -> torch.Tensor:
-        """Log and return the stage's objective: lm_weight x LM loss + ctc_weight x CTC loss."""
-        h = self.hparams
-        loss = h.lm_weight * out.loss
-        if out.ctc_loss is not None and h.ctc_weight > 0:
-            loss = loss + h.ctc_weight * out.ctc_loss
+    def _log_losses(self, split: str, dataset: str, out, batch: dict) -> torch.Tensor:
+        """Log and return the stage's objective: lm_weight x LM term + ctc_weight x CTC loss, where
+        the LM term is the cross-entropy, or with distillation ``weight`` x distillation loss +
+        (1 - ``weight``) x cross-entropy."""
+        h, size = self.hparams, len(batch["texts"])
         suffix, sync = (f"/{dataset}" if dataset else ""), split != "train"
         kw = dict(batch_size=size, sync_dist=sync, add_dataloader_idx=False)
+        lm = out.loss
+        if self.target is not None and out.label_logits is not None:
+            lm = self._distill(split, suffix, out, batch, kw)
+        loss = h.lm_weight * lm
+        if out.ctc_loss is not None and h.ctc_weight > 0:
+            loss = loss + h.ctc_weight * out.ctc_loss
         self.log(f"{split}/loss{suffix}", loss, prog_bar=not sync, **kw)
         if out.num_tokens:
             self.log(f"{split}/lm_loss{suffix}", out.loss, **kw)
@@ -159,10 +182,24 @@ class SpeechLLMStage(pl.LightningModule):
             self.log(f"{split}/ctc_loss{suffix}", out.ctc_loss, **kw)
         return loss
 
+    def _distill(self, split: str, suffix: str, out, batch: dict, kw: dict) -> torch.Tensor:
+        """Run the target on the batch; log the agreement and the distillation loss; return the LM term."""
+        self.target.follow(self.model.llm.get_input_embeddings().weight)
+        teacher = self.target.label_logits(out, batch["feats"], batch["feat_lens"])
+        agree = agreement(teacher, out.label_logits)
+        if agree.numel():  # weighted by label positions, not utterances
+            self.log(f"{split}/agree{suffix}", agree.float().mean(), prog_bar=split == "train",
+                     **{**kw, "batch_size": agree.numel()})
+        weight = self.distill.weight
+        with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):  # weight 0: measured only
+            kd = distill_loss(self.distill, teacher, out.label_logits)
+        self.log(f"{split}/distill_loss{suffix}", kd, **kw)
+        return out.loss if weight == 0 else weight * kd + (1 - weight) * out.loss
+
     def training_step(self, batch, batch_idx):
         out = self.model(batch["feats"], batch["feat_lens"], batch["texts"], lm=self.hparams.lm_weight > 0)
         size = len(batch["texts"])
-        loss = self._log_losses("train", "", out, size)
+        loss = self._log_losses("train", "", out, batch)
         # Over-long transcripts run with masked labels (same work on every DDP rank); count them.
         skipped = int((~out.keep).sum())
         self.log("train/skipped", float(skipped), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
@@ -170,7 +207,7 @@ class SpeechLLMStage(pl.LightningModule):
 
     def _eval_step(self, batch, split: str, dataset: str, limit: int | None, num_beams: int | None) -> None:
         out = self.model(batch["feats"], batch["feat_lens"], batch["texts"])
-        self._log_losses(split, dataset, out, len(batch["texts"]))
+        self._log_losses(split, dataset, out, batch)
         if self.model.has_ctc:  # what the projector alone hears, as text: val/wer/dev_ctc
             hyps = ctc_transcribe(self.model, batch["feats"], batch["feat_lens"])
             self.transcripts[f"{dataset}_ctc"].add(batch["ids"], batch["texts"], hyps)
