@@ -43,7 +43,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from efin.decoding.drafters import DraftPolicy, SequenceDrafter  # noqa: E402
+from efin.decoding.drafters import DraftPolicy  # noqa: E402
+from efin.decoding.sequence_drafters import SequenceDrafter  # noqa: E402
 from efin.decoding.speculative import SpeculativeDecoder, make_drafter, summarize  # noqa: E402
 from efin.metrics import wer  # noqa: E402
 

@@ -8,17 +8,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from efin.decoding.drafters import (
-    DraftPolicy,
-    DraftSequence,
-    SequenceDrafter,
-    SpeechLLMDrafter,
-    UtteranceContext,
-    ctc_draft_sequence,
-    rollback,
-)
+from efin.decoding.drafters import DraftPolicy, SpeechLLMDrafter, UtteranceContext, rollback
 from efin.decoding.generate import decode as llm_decode
 from efin.decoding.llm_search import extend, prefill
+from efin.decoding.sequence_drafters import DraftSequence, SequenceDrafter, ctc_draft_sequence
 from efin.decoding.speculative import (
     SpeculativeConfig,
     SpeculativeDecoder,
@@ -473,7 +466,7 @@ def test_bench_script_tiny_smoke(tmp_path):
 
 
 def test_suffix_edit_cost():
-    from efin.decoding.drafters import _suffix_edit_cost
+    from efin.decoding.sequence_drafters import _suffix_edit_cost
 
     assert _suffix_edit_cost([1, 2], [9, 9, 1, 2]) == 0  # free start in the sequence
     assert _suffix_edit_cost([1, 5], [9, 1, 2]) == 1  # substitution

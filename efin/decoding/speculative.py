@@ -29,16 +29,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from efin.decoding.drafters import (
-    CTCDrafter,
-    Drafter,
-    DraftPolicy,
-    NoDrafter,
-    SpeechLLMDrafter,
-    UtteranceContext,
-    rollback,
-)
+from efin.decoding.drafters import Drafter, DraftPolicy, NoDrafter, SpeechLLMDrafter, UtteranceContext, rollback
 from efin.decoding.llm_search import DecodeState, Hypothesis, forward_step, new_cache
+from efin.decoding.sequence_drafters import CTCDrafter
 from efin.decoding.tree import TokenTree, compact_cache, greedy_accept, tree_attention_mask, tree_position_ids
 
 
