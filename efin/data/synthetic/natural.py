@@ -22,6 +22,7 @@ corpus then takes disjoint slices for its splits.
 from __future__ import annotations
 
 import collections
+import functools
 import random
 import re
 from collections.abc import Iterable, Iterator
@@ -171,6 +172,11 @@ def natural_pool(
     Dedup is on the normalised text, so two sentences that differ only in case or punctuation
     count once and can never land in two splits.
     """
+    return list(_pool(tuple(sources), min_words, max_words, max_word_chars))
+
+
+@functools.lru_cache(maxsize=4)  # reading and filtering takes ~2 s; a process asks again and again
+def _pool(sources: tuple[str, ...], min_words: int, max_words: int, max_word_chars: int) -> tuple[str, ...]:
     seen: set[str] = set()
     out: list[str] = []
     for source in sources:
@@ -188,7 +194,7 @@ def natural_pool(
             if key not in seen:
                 seen.add(key)
                 out.append(sentence)
-    return out
+    return tuple(out)
 
 
 def natural_sentences(
