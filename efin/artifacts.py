@@ -156,7 +156,11 @@ def load_artifact(path: str | Path, expected_stage: str | tuple[str, ...] | None
     """
     path = Path(path)
     if path.is_dir():
-        file = path / ARTIFACT_FILE if (path / ARTIFACT_FILE).exists() or not (path / LEGACY_FILE).exists() else path / LEGACY_FILE
+        file = (
+            path / ARTIFACT_FILE
+            if (path / ARTIFACT_FILE).exists() or not (path / LEGACY_FILE).exists()
+            else path / LEGACY_FILE
+        )
     else:
         file = path
     if not file.exists():

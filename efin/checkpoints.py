@@ -184,7 +184,9 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     except zipfile.BadZipFile as err:
         return f"not a complete checkpoint ({err}; truncated?)"
     except Exception as err:  # torch raises many types for damaged files
-        return f"cannot be loaded ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+        return (
+            f"cannot be loaded ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+        )
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
         return "not a training checkpoint (no state_dict / loop state)"
     return None
@@ -232,7 +234,9 @@ def find_resume_checkpoint(stage_dir: str | os.PathLike, mode: str = "last") -> 
     where = f"{stage_dir}/runs/*/checkpoints/"
     if mode == "auto":
         if broken:
-            log.warning("ckpt_path=auto: no intact checkpoint under %s (broken: %s); starting fresh", where, "; ".join(broken))
+            log.warning(
+                "ckpt_path=auto: no intact checkpoint under %s (broken: %s); starting fresh", where, "; ".join(broken)
+            )
         else:
             log.info("ckpt_path=auto: nothing to resume under %s; starting fresh", where)
         return None

@@ -95,7 +95,9 @@ def evaluate(cfg: DictConfig) -> dict:
     options = decode_options(cfg.decode, cfg.paths.exp_dir, cfg.name)
     recognizer, featurizer = load_recognizer(cfg.artifact, device=cfg.device, **options)
     speculative = getattr(recognizer, "speculative", None) is not None
-    loader = manifest_loader(cfg.manifest, featurizer, cfg.batch_seconds, cfg.num_buckets, cfg.num_workers, cfg.on_invalid)
+    loader = manifest_loader(
+        cfg.manifest, featurizer, cfg.batch_seconds, cfg.num_buckets, cfg.num_workers, cfg.on_invalid
+    )
     records, stats, audio_seconds, start = [], [], 0.0, time.perf_counter()
     for batch in loader:
         hyps = recognizer.transcribe(batch["feats"], batch["feat_lens"])
@@ -108,7 +110,9 @@ def evaluate(cfg: DictConfig) -> dict:
         audio_seconds += float(batch["feat_lens"].sum()) / featurizer.frames_per_second
     elapsed = time.perf_counter() - start
     metrics = write_results(cfg.out_dir, cfg.split, records)
-    metrics.update(artifact=str(cfg.artifact), manifest=str(cfg.manifest), real_time_factor=elapsed / max(audio_seconds, 1e-9))
+    metrics.update(
+        artifact=str(cfg.artifact), manifest=str(cfg.manifest), real_time_factor=elapsed / max(audio_seconds, 1e-9)
+    )
     if speculative:
         metrics["speculative"] = speculative_summary(stats, recognizer.speculative_config)
     (Path(cfg.out_dir) / f"{cfg.split}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -8,10 +8,11 @@ LoRA is merged into the LLM (peft ``merge_and_unload``), so ``--out/llm`` is a p
 ``AutoModelForCausalLM.from_pretrained`` and by serving stacks that know nothing of efin or
 peft. Next to it: ``encoder.pt`` and ``projector.pt`` (config + state dict each) and
 ``efin_export.json`` (prompt, generation and feature settings), and ``ctc_first_pass.pt`` (the
-encoder stage's CTC head and word LM, for n-best rescoring) when the artifact carries them. :func:`load_export` rebuilds a
-recognizer from such a directory without efin artifacts or the LLM's original source, generating
-greedily, with beam search, rescoring, or speculatively (``load_export(dir, speculative={"draft":
-"ctc"})``: the exported CTC projector drafts; a trained draft is its own export directory).
+encoder stage's CTC head and word LM, for n-best rescoring) when the artifact carries them.
+:func:`load_export` rebuilds a recognizer from such a directory without efin artifacts or the
+LLM's original source, generating greedily, with beam search, rescoring, or speculatively
+(``load_export(dir, speculative={"draft": "ctc"})``: the exported CTC projector drafts; a
+trained draft is its own export directory).
 
 Drafts (subset-head LLMs) are exported the same way; their ``lm_head`` has only
 ``len(draft_vocab_ids)`` rows, so they load through :func:`load_export` (plain
@@ -140,7 +141,9 @@ def load_export(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact", help="projector or llm stage artifact directory (outputs/<name>/llm_<tag>/artifact)")
+    parser.add_argument(
+        "artifact", help="projector or llm stage artifact directory (outputs/<name>/llm_<tag>/artifact)"
+    )
     parser.add_argument("--out", required=True, help="export directory (created)")
     parser.add_argument("--cache-dir", default=None, help="where this machine caches the LLM's pretrained weights")
     args = parser.parse_args()

@@ -117,7 +117,10 @@ def resolve_draft(draft: str | None, runs_dir: str | Path, name: str = "default"
     # artifact file format), with their own messages.
     if not path.exists():
         if is_path:
-            hint = "Pass a draft stage run of this experiment (decode.speculative.draft=llm_<draft llm>) or an artifact directory."
+            hint = (
+                "Pass a draft stage run of this experiment (decode.speculative.draft=llm_<draft llm>) "
+                "or an artifact directory."
+            )
         else:
             before = " (after its projector stage)" if draft.startswith("llm_") else ""
             hint = (f"Train the draft first: `{_run_command(draft, name)}`{before}, "
@@ -180,7 +183,9 @@ class SpeechLLMRecognizer:
         self.options = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
         self.rescorer = None
         if rescore_nbest:
-            self.rescorer = NBestRescorer(first_pass or {}, model.encoder.output_dim, rescore_nbest, rescore_weight, device)
+            self.rescorer = NBestRescorer(
+                first_pass or {}, model.encoder.output_dim, rescore_nbest, rescore_weight, device
+            )
         self.speculative: SpeculativeDecoder | None = None
         self.speculative_config: SpeculativeConfig | None = None
         self.last_stats: list[UtteranceStats] = []
@@ -196,8 +201,10 @@ class SpeechLLMRecognizer:
             return
         where = f"decode.speculative.draft={draft}"
         if self.rescorer is not None:
-            raise ValueError(f"{where}: speculative decoding generates greedily; it cannot be combined with n-best "
-                             "rescoring (decode.rescore_nbest). Set decode.rescore_nbest=null or decode.speculative.draft=null.")
+            raise ValueError(
+                f"{where}: speculative decoding generates greedily; it cannot be combined with n-best "
+                "rescoring (decode.rescore_nbest). Set decode.rescore_nbest=null or decode.speculative.draft=null."
+            )
         beams = self.model.num_beams if self.options["num_beams"] is None else self.options["num_beams"]
         if beams != 1:
             raise ValueError(f"{where}: speculative decoding is lossless against greedy decoding, not beam search "
@@ -213,7 +220,9 @@ class SpeechLLMRecognizer:
         if kind == "model":
             if draft_model is None:  # the same artifact-to-model path as the target
                 hint = f"{where}: a draft is a projector or llm stage artifact (another LLM's, sharing the tokenizer)."
-                handoff = SpeechLLMHandoff.from_artifact(load_artifact(draft, expected_stage=("projector", "llm"), hint=hint))
+                handoff = SpeechLLMHandoff.from_artifact(
+                    load_artifact(draft, expected_stage=("projector", "llm"), hint=hint)
+                )
                 draft_model = handoff.build(cache_dir)
             built = draft_model.to(self.device).eval()
         self.speculative_config = SpeculativeConfig(draft=str(draft), **options)

@@ -1,10 +1,11 @@
 """Run the whole EFIN chain for the target LLM and its draft, then score every artifact on test.
 
-    python -m efin.pipeline                               # (= scripts/run_pipeline.py) defaults: encoder once, then projector + llm
-                                                          # for smollm2 and smollm2_draft (~87 min on 2 CPU cores, see README)
+    python -m efin.pipeline                        # (= scripts/run_pipeline.py) defaults: encoder once, then
+                                                   # projector + llm for smollm2 and smollm2_draft (~87 min on
+                                                   # 2 CPU cores, see README)
     python -m efin.pipeline name=exp1 trainer=gpu  # extra Hydra overrides go to every stage
     python -m efin.pipeline --llms tiny,tiny_draft name=smoke data=tiny encoder=tiny projector=tiny
-                                                          # a smoke test of the chain in about a minute
+                                                   # a smoke test of the chain in about a minute
     python -m efin.pipeline --eval-only name=exp1  # only evaluate the artifacts already trained
 
 Each step is an ordinary ``python -m efin.train stage=...`` run (its own process, run dir and
@@ -60,7 +61,9 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
         cfg = compose(stage + overrides)
         run = cfg.stage.run_name
         exp_dir, artifact = cfg.paths.exp_dir, f"{cfg.paths.stage_dir}/artifact"
-        passthrough = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("name",) or o.lstrip("+~").startswith("paths.")]
+        passthrough = [
+            o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("name",) or o.lstrip("+~").startswith("paths.")
+        ]
         test_sets = named_test_sets(cfg.data.test)
         # The CTC baseline twice: with its word LM (the artifact's default) and greedy; stage llm
         # artifacts twice: generating, and rescoring the CTC + word LM n-best.
@@ -70,20 +73,32 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
         elif cfg.stage.name == "llm":
             variants[f"{run}_rescore"] = ["decode=rescore"]
         for label, extra in variants.items():
-            steps.append({
-                "run": label,
-                # projector/llm stages skip their own test pass: the evaluations below decode the test sets
-                "train": python + ["efin.train", *stage, *overrides, *([] if run == "encoder" else ["test_after_fit=false"])]
-                if stage in stages and not extra else None,
-                "artifact": artifact,
-                "evals": {
-                    name: python + ["efin.evaluate", f"artifact={artifact}", f"manifest={manifest}", f"split={name}",
-                                    f"hydra.run.dir={exp_dir}/eval/{label}", *passthrough, *extra]
-                    for name, manifest in test_sets.items()
-                },
-                "metrics": {name: f"{exp_dir}/eval/{label}/{name}.metrics.json" for name in test_sets},
-                "exp_dir": exp_dir,
-            })
+            steps.append(
+                {
+                    "run": label,
+                    # projector/llm stages skip their own test pass: the evaluations below decode the test sets
+                    "train": python
+                    + ["efin.train", *stage, *overrides, *([] if run == "encoder" else ["test_after_fit=false"])]
+                    if stage in stages and not extra
+                    else None,
+                    "artifact": artifact,
+                    "evals": {
+                        name: python
+                        + [
+                            "efin.evaluate",
+                            f"artifact={artifact}",
+                            f"manifest={manifest}",
+                            f"split={name}",
+                            f"hydra.run.dir={exp_dir}/eval/{label}",
+                            *passthrough,
+                            *extra,
+                        ]
+                        for name, manifest in test_sets.items()
+                    },
+                    "metrics": {name: f"{exp_dir}/eval/{label}/{name}.metrics.json" for name in test_sets},
+                    "exp_dir": exp_dir,
+                }
+            )
     return steps
 
 
@@ -98,8 +113,11 @@ def run(argv: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llms", default="smollm2,smollm2_draft",
-                        help="comma-separated llm options to train projector + llm stages for (target first, then drafts)")
+    parser.add_argument(
+        "--llms",
+        default="smollm2,smollm2_draft",
+        help="comma-separated llm options to train projector + llm stages for (target first, then drafts)",
+    )
     parser.add_argument("--skip-encoder", action="store_true", help="reuse outputs/<name>/encoder/artifact")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate the artifacts already trained")

@@ -53,8 +53,14 @@ def load_init_artifact(cfg: DictConfig) -> dict | None:
     with open_dict(cfg):
         cfg.init_from = os.path.realpath(cfg.init_from)
     origin = artifact.get("provenance") or {}
-    log.info("Starting from the %s artifact %s (run %s, git %s, config sha256 %s)", artifact["stage"], cfg.init_from,
-             origin.get("run_dir", "unknown"), origin.get("git_commit", "unknown"), origin.get("config_sha256", "unknown"))
+    log.info(
+        "Starting from the %s artifact %s (run %s, git %s, config sha256 %s)",
+        artifact["stage"],
+        cfg.init_from,
+        origin.get("run_dir", "unknown"),
+        origin.get("git_commit", "unknown"),
+        origin.get("config_sha256", "unknown"),
+    )
     return artifact
 
 

@@ -246,7 +246,9 @@ def main(argv=None) -> dict:
                for k in pick.choice(len(batches), min(args.compute_batches, len(batches)), replace=False)]
         for name, (_, batches) in plans.items()
     }
-    print(f"timing model steps on {args.compute_batches} batches per plan, {args.rounds} interleaved rounds", flush=True)
+    print(
+        f"timing model steps on {args.compute_batches} batches per plan, {args.rounds} interleaved rounds", flush=True
+    )
     for name, res in interleaved_compute(sample, step, args.rounds).items():
         results[name]["compute"] = res
 
@@ -267,7 +269,8 @@ def main(argv=None) -> dict:
         "cpu_throughput_bucketed_over_random": b["compute"]["audio_s_per_cpu_s"] / rnd["compute"]["audio_s_per_cpu_s"],
         "input_frames_random_over_bucketed": (rnd["compute"]["input_frames"] / rnd["compute"]["audio_s"])
         / (b["compute"]["input_frames"] / b["compute"]["audio_s"]),
-        "loader_throughput_bucketed_over_random": b["loader"]["audio_s_per_wall_s"] / rnd["loader"]["audio_s_per_wall_s"],
+        "loader_throughput_bucketed_over_random": b["loader"]["audio_s_per_wall_s"]
+        / rnd["loader"]["audio_s_per_wall_s"],
         "padding_random_over_bucketed": rnd["padding"]["padded_frame_fraction"]
         / max(b["padding"]["padded_frame_fraction"], 1e-9),
     }
@@ -281,8 +284,13 @@ def main(argv=None) -> dict:
         "hours": sum(durs) / 3600,
         "mean_duration_s": statistics.fmean(durs),
         "config": {**vars(args), "random_batch_size": batch_size, "model_params": n_params},
-        "machine": {"platform": platform.platform(), "load_average": os.getloadavg(), "torch_threads": torch.get_num_threads(), "device": args.device,
-                    "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "load_average": os.getloadavg(),
+            "torch_threads": torch.get_num_threads(),
+            "device": args.device,
+            "torch": torch.__version__,
+        },
         "results": results,
         "data_pipeline_one_worker": pipeline,
         "ratios": ratios,

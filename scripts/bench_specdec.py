@@ -129,14 +129,19 @@ def run(target, draft, utterances, args) -> dict:
 
 def print_table(results: dict, title: str) -> None:
     print(f"\n{title}")
-    head = f"{'row':<12}{'ms/utt':>9}{'x AR':>7}{'x SD4':>7}{'acc.len':>8}{'T fwd':>7}{'D fwd':>7}{'acc%':>6}{'WER':>7}{'ident':>7}"
+    head = (
+        f"{'row':<12}{'ms/utt':>9}{'x AR':>7}{'x SD4':>7}{'acc.len':>8}"
+        f"{'T fwd':>7}{'D fwd':>7}{'acc%':>6}{'WER':>7}{'ident':>7}"
+    )
     print(head)
     for name, r in results.items():
         sd4 = f"{r['speedup_vs_sd_k4']:.2f}" if r.get("speedup_vs_sd_k4") else "-"
         w = f"{100 * r['wer']:.1f}" if r.get("wer") is not None else "-"
-        print(f"{name:<12}{r['latency_ms']:>9.1f}{r['speedup_vs_ar']:>7.2f}{sd4:>7}{r['mean_accepted_length']:>8.2f}"
-              f"{r['target_forwards_per_utt']:>7.2f}{r['draft_forwards_per_utt']:>7.2f}{100 * r['acceptance_rate']:>6.0f}"
-              f"{w:>7}{100 * r['identical_to_ar']:>6.0f}%")
+        print(
+            f"{name:<12}{r['latency_ms']:>9.1f}{r['speedup_vs_ar']:>7.2f}{sd4:>7}{r['mean_accepted_length']:>8.2f}"
+            f"{r['target_forwards_per_utt']:>7.2f}{r['draft_forwards_per_utt']:>7.2f}{100 * r['acceptance_rate']:>6.0f}"
+            f"{w:>7}{100 * r['identical_to_ar']:>6.0f}%"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,7 +185,9 @@ def tiny_models(seed: int = 0):
                       subsampling_channels=8)
     letters = "abcdefghijklmnop"
     proj = TokenCTCProjector(32, 64, vocab_size=len(letters), stack=1, hidden_dim=32, kernel_size=3)
-    proj.set_vocabulary(torch.tensor(sorted(tok.convert_tokens_to_ids(list(letters)))), llm.get_input_embeddings().weight)
+    proj.set_vocabulary(
+        torch.tensor(sorted(tok.convert_tokens_to_ids(list(letters)))), llm.get_input_embeddings().weight
+    )
     target = SpeechLLM(encoder, proj, llm, tok, instruction="Transcribe.", tokens_per_second=5.0).eval()
     dllm, _ = build_draft_llm((llm, tok), num_layers=1, head_rows=48)
     draft = SpeechLLM(encoder, StackingMLPProjector(32, 64, stack=2, hidden_dim=32), dllm, tok,
@@ -204,12 +211,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", default=None, help="where the LLM's pretrained weights are cached")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 6, 8], help="fixed draft lengths of plain SD")
     parser.add_argument("--max-draft", type=int, default=8, help="draft cap of the adaptive rows")
-    parser.add_argument("--threshold", type=float, default=0.5, help="adaptive rows: draft stops below this probability")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="adaptive rows: draft stops below this probability"
+    )
     parser.add_argument("--tree-threshold", type=float, default=0.8, help="tree: positions below get alternatives")
     parser.add_argument("--tree-top-k", type=int, default=1, help="tree: alternatives per weak position")
     parser.add_argument("--tree-budget", type=int, default=16, help="tree: most nodes per target forward")
     parser.add_argument("--ctc-max-draft", type=int, default=64, help="CTC rows: longest chunk verified at once")
-    parser.add_argument("--ctc-threshold", type=float, default=0.5, help="CTC rows: chunk ends after a token below this")
+    parser.add_argument(
+        "--ctc-threshold", type=float, default=0.5, help="CTC rows: chunk ends after a token below this"
+    )
     parser.add_argument("--rows", nargs="*", help="only these rows (ar always runs)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--tiny", action="store_true", help="smoke run on tiny random models (no artifacts)")

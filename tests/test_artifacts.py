@@ -14,8 +14,14 @@ from efin.artifacts import ArtifactError, load_artifact, save_artifact
 def _payload() -> dict:
     shared = torch.arange(6.0).reshape(2, 3)
     return {
-        "encoder": {"config": {"d_model": 4, "dims": (1, 2), "dropout": 0.0}, "state_dict": {"w": shared, "tied": shared}},
-        "ctc_head": {"vocab": {"kind": "sentencepiece", "model_proto": b"\x00\x01binary"}, "state_dict": {"b": torch.ones(3, dtype=torch.bfloat16)}},
+        "encoder": {
+            "config": {"d_model": 4, "dims": (1, 2), "dropout": 0.0},
+            "state_dict": {"w": shared, "tied": shared},
+        },
+        "ctc_head": {
+            "vocab": {"kind": "sentencepiece", "model_proto": b"\x00\x01binary"},
+            "state_dict": {"b": torch.ones(3, dtype=torch.bfloat16)},
+        },
         "features": {"n_mels": 8, "ids": {1: "one", 2: "two"}, "none": None, "list": [1.5, "x", [True]]},
     }
 

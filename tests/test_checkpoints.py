@@ -29,7 +29,9 @@ class ValidatedWeights(Callback):
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            ValidatedWeights.seen[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            ValidatedWeights.seen[trainer.global_step] = {
+                k: v.detach().clone() for k, v in pl_module.state_dict().items()
+            }
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,9 @@ def test_stage_adapter_switches(tmp_path):
     assert "llm" not in cfg.stage.module and cfg.trainer.max_epochs == 4 and cfg.data.max_batch_seconds == 32.0
     assert compose_config(["stage=encoder", "data=tiny"], tmp_path).data.max_batch_seconds == 20.0
     # the optimizer node carries AdamW's betas and the warm-up cap
-    assert list(cfg.stage.module.optimizer.betas) == [0.9, 0.98] and cfg.stage.module.optimizer.max_warmup_fraction == 0.25
+    assert (
+        list(cfg.stage.module.optimizer.betas) == [0.9, 0.98] and cfg.stage.module.optimizer.max_warmup_fraction == 0.25
+    )
 
 
 def test_misspelled_key_fails_clearly(tmp_path):

@@ -80,7 +80,9 @@ def test_splits_have_disjoint_sentences_and_held_out_test_voices(tiny):
     record = json.loads((root / "corpus.json").read_text())
     train_accents = {v.split("+")[0] for v in record["voices"]["train_dev"]}
     train_variants = {v.split("+")[1] for v in record["voices"]["train_dev"]}
-    assert all(v.split("+")[0] in train_accents and v.split("+")[1] in DEFAULT_TEST_VARIANTS for v in voices["test_voices"])
+    assert all(
+        v.split("+")[0] in train_accents and v.split("+")[1] in DEFAULT_TEST_VARIANTS for v in voices["test_voices"]
+    )
     assert not {v.split("+")[1] for v in voices["test_voices"]} & train_variants
     assert not set(record["voices"]["test_only"]) & set(record["voices"]["train_dev"])
     assert record["params"]["num_train"] == 12
@@ -238,7 +240,9 @@ def test_vocab_size_restricts_sentences_to_frequent_words():
         chain = json.load(f)
     frequent = sentences_mod._frequent_words(chain, 2000)
     assert len(frequent) == 2000 and {"the", "of", "and"} <= frequent
-    sentences = sentences_mod._walk_sentences(chain, seed=7, n=20, min_words=4, max_words=14, max_word_chars=14, vocab=frequent)
+    sentences = sentences_mod._walk_sentences(
+        chain, seed=7, n=20, min_words=4, max_words=14, max_word_chars=14, vocab=frequent
+    )
     assert len(sentences) == 20
     assert all(w in frequent for s in sentences for w in normalize(s).split())
 

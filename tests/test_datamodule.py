@@ -46,7 +46,10 @@ def make_split(root: Path, split: str, n: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("corpus")
-    return {split: str(make_split(root, split, n, seed)) for split, n, seed in [("train", 40, 0), ("dev", 9, 1), ("test", 7, 2)]}
+    return {
+        split: str(make_split(root, split, n, seed))
+        for split, n, seed in [("train", 40, 0), ("dev", 9, 1), ("test", 7, 2)]
+    }
 
 
 def datamodule(corpus, **kw) -> SpeechDataModule:

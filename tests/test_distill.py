@@ -50,7 +50,9 @@ def test_kl_over_the_subset_matches_a_hand_computation():
     # the target's mass outside the subset (id 1 holds almost all of row 0's) is dropped, not spread
     moved = target.clone()
     moved[:, [1, 3]] = torch.tensor([[-5.0, 7.0], [4.0, 4.0]])
-    assert subset_kl(moved, draft, torch.tensor(subset)).item() == pytest.approx(subset_kl(target, draft, torch.tensor(subset)).item())
+    assert subset_kl(moved, draft, torch.tensor(subset)).item() == pytest.approx(
+        subset_kl(target, draft, torch.tensor(subset)).item()
+    )
     renorm = subset_log_probs(target, torch.tensor(subset)).exp()
     assert torch.allclose(renorm.sum(-1), torch.ones(2)) and renorm.shape == (2, 3)
 
@@ -72,8 +74,11 @@ def test_kl_gradient_moves_the_draft_towards_the_target_and_no_positions_is_zero
 def test_agreement_compares_full_vocabulary_argmaxes():
     # target argmaxes: id 4, id 1 (outside the draft's subset), id 0
     target = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0], [0.0, 5.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0, 0.0]])
-    draft = LabelLogits(torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), torch.zeros(3, dtype=torch.long),
-                        vocab_ids=torch.tensor([0, 2, 4]))
+    draft = LabelLogits(
+        torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
+        torch.zeros(3, dtype=torch.long),
+        vocab_ids=torch.tensor([0, 2, 4]),
+    )
     # draft argmaxes: column 2 -> id 4 (agrees), column 2 -> id 4 (target wrote id 1, outside: a miss), column 1 -> id 2
     assert agreement(target, draft).tolist() == [True, False, False]
     full = LabelLogits(target.clone(), torch.zeros(3, dtype=torch.long))

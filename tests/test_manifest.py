@@ -115,10 +115,25 @@ BAD_LINES = [
         "positive number",
         {},
     ),
-    ("duration_longer_than_file", _line(duration=1.5), "declared duration 1.500 s but the audio decodes to 1.000 s", {}),
-    ("duration_shorter_than_file", _line(duration=0.3), "declared duration 0.300 s but the audio decodes to 1.000 s", {}),
+    (
+        "duration_longer_than_file",
+        _line(duration=1.5),
+        "declared duration 1.500 s but the audio decodes to 1.000 s",
+        {},
+    ),
+    (
+        "duration_shorter_than_file",
+        _line(duration=0.3),
+        "declared duration 0.300 s but the audio decodes to 1.000 s",
+        {},
+    ),
     ("truncated_flac", lambda r: _damaged(r, "trunc.flac", lambda b: b[: len(b) // 2]), "cannot decode audio", {}),
-    ("garbled_flac", lambda r: _damaged(r, "garbled.flac", lambda b: b[:4000] + bytes(8000) + b[12000:]), "cannot decode audio", {}),
+    (
+        "garbled_flac",
+        lambda r: _damaged(r, "garbled.flac", lambda b: b[:4000] + bytes(8000) + b[12000:]),
+        "cannot decode audio",
+        {},
+    ),
     ("zero_frame_wav", lambda r: _damaged(r, "empty.wav", None, duration=0.05), "holds no samples", {}),
     ("offset_past_file", _line(duration=0.8, offset=0.5), "does not fit the audio file", {}),
     ("negative_offset", _line(offset=-0.5), "offset must be", {}),
@@ -282,7 +297,9 @@ def test_audio_failing_at_training_time_is_skipped_and_counted(corpus, caplog):
 
     root, good = corpus
     make_audio(root / "audio" / "b.flac", 1.0)
-    manifest = write_lines(root / "m.jsonl", [good, {"audio_filepath": "audio/b.flac", "duration": 1.0, "text": "b", "id": "b"}])
+    manifest = write_lines(
+        root / "m.jsonl", [good, {"audio_filepath": "audio/b.flac", "duration": 1.0, "text": "b", "id": "b"}]
+    )
     dataset = SpeechDataset(load_manifest(manifest), LogMel(n_mels=8))
     (root / "audio" / "b.flac").write_bytes(b"gone bad" * 100)
     with caplog.at_level(logging.WARNING, logger="efin.data.dataset"):

@@ -62,7 +62,9 @@ def test_char_vocab_round_trip():
 
 
 def test_sentencepiece_vocab_round_trip():
-    texts = [f"the {w} sat on the mat with a {v}" for w in ("cat", "dog", "bird", "fox") for v in ("hat", "bat", "rat")] * 5
+    texts = [
+        f"the {w} sat on the mat with a {v}" for w in ("cat", "dog", "bird", "fox") for v in ("hat", "bat", "rat")
+    ] * 5
     vocab = SentencePieceVocab.train(texts, vocab_size=40)
     ids = vocab.encode("The dog sat on the mat.")
     assert min(ids) >= 1  # 0 is reserved for the CTC blank

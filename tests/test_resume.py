@@ -50,7 +50,11 @@ def _run(root: Path, data_dir: Path, overrides: list[str], run: str, kill_at_ste
     root.mkdir(parents=True, exist_ok=True)
     record = root / f"{run}.steps.jsonl"
     with open_dict(cfg):
-        cfg.callbacks.recorder = {"_target_": f"{__name__}.StepRecorder", "path": str(record), "kill_at_step": kill_at_step}
+        cfg.callbacks.recorder = {
+            "_target_": f"{__name__}.StepRecorder",
+            "path": str(record),
+            "kill_at_step": kill_at_step,
+        }
     if kill_at_step is None:
         train(cfg)
     else:
@@ -60,7 +64,9 @@ def _run(root: Path, data_dir: Path, overrides: list[str], run: str, kill_at_ste
 
 
 def _last_state(root: Path, stage_dir: str, run: str) -> dict:
-    ckpt = torch.load(Path(stage_dir) / "runs" / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(
+        Path(stage_dir) / "runs" / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     return ckpt
 
 

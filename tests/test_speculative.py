@@ -35,7 +35,9 @@ def _target(attn="sdpa"):
     torch.manual_seed(0)
     llm, tok = build_tiny_llm(attn_implementation=attn)
     proj = TokenCTCProjector(16, 64, vocab_size=len(LETTERS), stack=1, hidden_dim=32, kernel_size=3)
-    proj.set_vocabulary(torch.tensor(sorted(tok.convert_tokens_to_ids(list(LETTERS)))), llm.get_input_embeddings().weight)
+    proj.set_vocabulary(
+        torch.tensor(sorted(tok.convert_tokens_to_ids(list(LETTERS)))), llm.get_input_embeddings().weight
+    )
     return SpeechLLM(LinearEncoder(), proj, llm, tok, instruction="Transcribe.").eval()
 
 
@@ -239,7 +241,9 @@ POLICIES = {
 def test_speculative_equals_greedy(target, draft, batch, greedy, drafter, policy):
     feats, lens = batch
     if drafter == "perturbed":
-        d = SpeechLLM(target.encoder, target.projector, _Perturbed(target.llm, token=40), target.tokenizer, prompt=target.prompt)
+        d = SpeechLLM(
+            target.encoder, target.projector, _Perturbed(target.llm, token=40), target.tokenizer, prompt=target.prompt
+        )
     else:
         d = {"model": draft, "ctc": "ctc"}[drafter]
     dec = SpeculativeDecoder(target, make_drafter(target, d, POLICIES[policy]))
@@ -359,7 +363,9 @@ def test_model_draft_recycles_after_a_substitution(target, batch, greedy):
     """A draft that is right except at every 5th position: after each rejection its new token
     lines up with the rest of the old draft, which is reused without drafting it again."""
     feats, lens = batch
-    d = SpeechLLM(target.encoder, target.projector, _Perturbed(target.llm, token=40), target.tokenizer, prompt=target.prompt)
+    d = SpeechLLM(
+        target.encoder, target.projector, _Perturbed(target.llm, token=40), target.tokenizer, prompt=target.prompt
+    )
     forwards = {}
     for recycle in (False, True):
         drafter = make_drafter(target, d, DraftPolicy(max_draft=8, recycle=recycle))
@@ -409,7 +415,9 @@ def test_ctc_drafter_reads_the_target_projector(target, batch):
 
 def test_summary_adds_up(target, batch, greedy):
     feats, lens = batch
-    dec = SpeculativeDecoder(target, SequenceDrafter(DraftPolicy(max_draft=4), _feeder(_corrupt(_full(h), "substitute") for h in greedy)))
+    dec = SpeculativeDecoder(
+        target, SequenceDrafter(DraftPolicy(max_draft=4), _feeder(_corrupt(_full(h), "substitute") for h in greedy))
+    )
     hyps = dec.decode(feats, lens, max_new_tokens=MAX_NEW)
     summary = summarize(dec.stats)
     assert summary["committed_tokens"] == sum(h.length for h in hyps)

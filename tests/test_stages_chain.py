@@ -227,11 +227,22 @@ def test_rescore_weight_sweep_starts_from_the_encoders_own_decoding(chain):
     from efin.evaluate import rescore_sweep
 
     manifest = data_dir / "synthetic-tiny" / "test.jsonl"
-    results = rescore_sweep(root / "outputs" / "default" / "llm_tiny" / "artifact", manifest, nbest=4, weights=[0.0, 1.0])
+    results = rescore_sweep(
+        root / "outputs" / "default" / "llm_tiny" / "artifact", manifest, nbest=4, weights=[0.0, 1.0]
+    )
     assert [r["weight"] for r in results["weights"]] == [0.0, 1.0] and results["utterances"] == 8
     # weight 0 is the encoder artifact's own CTC + word LM decoding (same batches as evaluate)
-    cfg = compose_config([f"artifact={root}/outputs/default/encoder/artifact", f"manifest={manifest}",
-                          f"out_dir={root / 'eval' / 'encoder_lm'}", "num_workers=0"], root, data_dir, config_name="evaluate")
+    cfg = compose_config(
+        [
+            f"artifact={root}/outputs/default/encoder/artifact",
+            f"manifest={manifest}",
+            f"out_dir={root / 'eval' / 'encoder_lm'}",
+            "num_workers=0",
+        ],
+        root,
+        data_dir,
+        config_name="evaluate",
+    )
     assert results["weights"][0]["wer"] == pytest.approx(evaluate(cfg)["wer"])
     assert results["oracle_wer"] <= min(r["wer"] for r in results["weights"])
 
@@ -290,11 +301,15 @@ def test_hf_export_reloads_to_same_transcripts(chain, run, tmp_path):
     exported, _ = export_hf.load_export(out)
     utterances = load_manifest(data_dir / "synthetic-tiny" / "test.jsonl")
     batch = next(iter(DataLoader(SpeechDataset(utterances, featurizer), batch_size=8, collate_fn=collate)))
-    assert exported.transcribe(batch["feats"], batch["feat_lens"]) == original.transcribe(batch["feats"], batch["feat_lens"])
+    assert exported.transcribe(batch["feats"], batch["feat_lens"]) == original.transcribe(
+        batch["feats"], batch["feat_lens"]
+    )
     # n-best rescoring too: the export carries the encoder's CTC head and word LM
     original, _ = load_recognizer(artifact, rescore_nbest=4)
     exported, _ = export_hf.load_export(out, rescore_nbest=4)
-    assert exported.transcribe(batch["feats"], batch["feat_lens"]) == original.transcribe(batch["feats"], batch["feat_lens"])
+    assert exported.transcribe(batch["feats"], batch["feat_lens"]) == original.transcribe(
+        batch["feats"], batch["feat_lens"]
+    )
 
 
 def _start(cfg, artifact: dict | None = None):
@@ -323,7 +338,9 @@ def test_ctc_loss_weights_need_a_ctc_projector(chain):
     cfg = compose_config(TINY + ["stage=projector", "llm=tiny", "projector=tiny_mlp"], root, data_dir)
     encoder = _artifact(root, "encoder")
     start = _start(cfg, encoder)
-    with pytest.raises(ArtifactError, match="different projector"):  # the recipe's projector is checked against the artifact
+    with pytest.raises(
+        ArtifactError, match="different projector"
+    ):  # the recipe's projector is checked against the artifact
         _start(cfg, _artifact(root, "projector_tiny")).build(encoder["features"])
     model = start.build(encoder["features"])
     m = cfg.stage.module
@@ -383,10 +400,14 @@ def test_speculative_evaluate_equals_greedy_and_writes_statistics(chain, greedy_
 
 def test_speculative_option_errors(chain):
     root, data_dir, _ = chain
-    with pytest.raises(ArtifactError, match=r"No draft artifact .*llm_nope.*python -m efin\.train stage=llm llm=nope name=default"):
+    with pytest.raises(
+        ArtifactError, match=r"No draft artifact .*llm_nope.*python -m efin\.train stage=llm llm=nope name=default"
+    ):
         _evaluate(root, data_dir, "llm_tiny", "err", ["decode.speculative.draft=llm_nope"])
     # the draft is looked up in this experiment (name=); a draft's projector stage has its recipe
-    with pytest.raises(ArtifactError, match=r"outputs/other/projector_tiny_draft.*experiment=tiny_draft_projector name=other"):
+    with pytest.raises(
+        ArtifactError, match=r"outputs/other/projector_tiny_draft.*experiment=tiny_draft_projector name=other"
+    ):
         _evaluate(root, data_dir, "llm_tiny", "err", ["decode.speculative.draft=projector_tiny_draft", "name=other"])
     with pytest.raises(ValueError, match="encoder artifact.*needs a projector or llm artifact"):
         _evaluate(root, data_dir, "encoder", "err", ["decode.speculative.draft=ctc"])
@@ -453,10 +474,14 @@ def test_transcribe_bad_input_names_the_file(chain, tmp_path, monkeypatch, capsy
     bad.write_bytes(b"not audio at all")
     code, out, err = _transcribe_cli(monkeypatch, capsys, [artifact, f"audio={bad}"])
     assert code == 1 and f"unreadable audio file {bad}" in err and len(err.strip().splitlines()) == 1
-    wav = next((data_dir / "synthetic-tiny").rglob("*.flac"), None) or next((data_dir / "synthetic-tiny").rglob("*.wav"))
+    wav = next((data_dir / "synthetic-tiny").rglob("*.flac"), None) or next(
+        (data_dir / "synthetic-tiny").rglob("*.wav")
+    )
     code, out, err = _transcribe_cli(monkeypatch, capsys, [f"artifact={tmp_path}/nowhere", f"audio={wav}"])
     assert code == 1 and f"no efin artifact at {tmp_path}/nowhere" in err
-    code, out, err = _transcribe_cli(monkeypatch, capsys, [f"artifact={tmp_path}", f"audio={wav}"])  # a directory, no artifact
+    code, out, err = _transcribe_cli(
+        monkeypatch, capsys, [f"artifact={tmp_path}", f"audio={wav}"]
+    )  # a directory, no artifact
     assert code == 1 and f"artifact={tmp_path}: No stage artifact at {tmp_path}" in err
 
 
@@ -510,7 +535,9 @@ def _dev_agreement(root: Path, data_dir: Path, draft_run: str) -> dict:
     draft = speech_llm_from_artifact(artifact).eval()
     target = DistillTarget.build(_artifact(root, "llm_tiny"), draft, artifact["features"], train_encoder=False)
     _, featurizer = load_recognizer(root / "outputs" / "default" / draft_run / "artifact")
-    batch = collate([SpeechDataset(load_manifest(data_dir / "synthetic-tiny" / "dev.jsonl"), featurizer)[i] for i in range(8)])
+    batch = collate(
+        [SpeechDataset(load_manifest(data_dir / "synthetic-tiny" / "dev.jsonl"), featurizer)[i] for i in range(8)]
+    )
     with torch.no_grad():
         out = draft(batch["feats"], batch["feat_lens"], batch["texts"])
         teacher = target.label_logits(out, batch["feats"], batch["feat_lens"])

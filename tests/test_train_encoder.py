@@ -52,7 +52,10 @@ def test_artifact_round_trip_reproduces_test_transcripts(encoder_run, tmp_path):
     assert artifact["encoder"]["config"]["d_model"] == 32
 
     # Default: the stored word LM (matches the stage's test_lm pass); decode.lm=false: greedy.
-    for options, stage_split, metric in (([], "test_lm", "test/cer/test_lm"), (["decode.lm=false"], "test", "test/cer/test")):
+    for options, stage_split, metric in (
+        ([], "test_lm", "test/cer/test_lm"),
+        (["decode.lm=false"], "test", "test/cer/test"),
+    ):
         out = tmp_path / stage_split
         eval_cfg = compose_config(
             [f"artifact={link}", f"manifest={cfg.data.test}", f"out_dir={out}",
@@ -81,7 +84,9 @@ def test_wrong_artifact_kind_is_refused(encoder_run):
 
 def test_missing_artifact_names_what_to_run(tmp_path):
     with pytest.raises(ArtifactError, match="stage=encoder"):
-        load_artifact(tmp_path / "nothing", expected_stage="encoder", hint="Run `python -m efin.train stage=encoder` first.")
+        load_artifact(
+            tmp_path / "nothing", expected_stage="encoder", hint="Run `python -m efin.train stage=encoder` first."
+        )
 
 
 def test_resume_from_last_checkpoint(encoder_run, shared_data_dir):

@@ -16,10 +16,12 @@ Drafters:
 
 * :class:`SpeechLLMDrafter` - a small draft SpeechLLM with its own projector, speech prefix and
   KV cache (the shared, frozen encoder's output is computed once, by the loop);
-* :class:`~efin.decoding.sequence_drafters.CTCDrafter` - the target's own CTC projector's collapsed greedy tokens (no extra
-  model); confidence caps each chunk, realignment recycles the rest after a mismatch;
-* :class:`~efin.decoding.sequence_drafters.SequenceDrafter` - a fixed token sequence (an oracle in tests, or any external
-  hypothesis), with the same realignment and tree logic as the CTC drafter;
+* :class:`~efin.decoding.sequence_drafters.CTCDrafter` - the target's own CTC projector's
+  collapsed greedy tokens (no extra model); confidence caps each chunk, realignment recycles the
+  rest after a mismatch;
+* :class:`~efin.decoding.sequence_drafters.SequenceDrafter` - a fixed token sequence (an oracle
+  in tests, or any external hypothesis), with the same realignment and tree logic as the CTC
+  drafter;
 * :class:`NoDrafter` - proposes nothing: the loop is then plain autoregressive greedy decoding.
 
 :class:`DraftPolicy` holds the switches (draft length, adaptive length, recycling, sparse tree)
@@ -81,7 +83,9 @@ class DraftPolicy:
         if self.recycle_window < 1 or self.tree_top_k < 1:
             raise ValueError("recycle_window and tree_top_k must be >= 1")
         if self.tree and self.tree_budget < self.max_draft:
-            raise ValueError(f"tree_budget ({self.tree_budget}) must hold the greedy draft (max_draft={self.max_draft})")
+            raise ValueError(
+                f"tree_budget ({self.tree_budget}) must hold the greedy draft (max_draft={self.max_draft})"
+            )
 
 
 @dataclass

@@ -47,8 +47,9 @@ class SequenceDrafter(Drafter):
     the rest of the sequence is realigned. Without ``recycle`` a one-for-one substitution is
     assumed; with it, the resume point within ``recycle_window`` of that guess whose preceding
     tokens best explain the last ``recycle_window + 1`` committed tokens (edit distance) wins;
-    ties go to a point right after the last committed token, then to the substitution guess. Right after a single mismatch substitution,
-    insertion and deletion often explain it equally well; with ``tree`` the two runner-up
+    ties go to a point right after the last committed token, then to the substitution guess.
+    Right after a single mismatch substitution, insertion and deletion often explain it equally
+    well; with ``tree`` the two runner-up
     resume points are verified as extra branches in the same target forward.
     A chunk is at most ``max_draft`` tokens, cut after the first token with confidence below
     ``threshold`` when ``adaptive``; with ``tree``, low-confidence tokens get their alternatives
@@ -174,10 +175,14 @@ class CTCDrafter(SequenceDrafter):
     @torch.no_grad()
     def sequence(self, ctx: UtteranceContext) -> DraftSequence:
         logits, lens = self.projector.token_logits(ctx.hidden, ctx.hidden_lens)
-        return ctc_draft_sequence(logits[0, : int(lens[0])], self.projector.vocab_ids, ctx.end_id, self.num_alternatives)
+        return ctc_draft_sequence(
+            logits[0, : int(lens[0])], self.projector.vocab_ids, ctx.end_id, self.num_alternatives
+        )
 
 
-def ctc_draft_sequence(logits: torch.Tensor, vocab_ids: torch.Tensor, end_id: int | None, alternatives: int = 2) -> DraftSequence:
+def ctc_draft_sequence(
+    logits: torch.Tensor, vocab_ids: torch.Tensor, end_id: int | None, alternatives: int = 2
+) -> DraftSequence:
     """Collapse CTC logits (N, 1 + S) (class 0 = blank, class c = token ``vocab_ids[c - 1]``) into
     a draft: one entry per run of the same non-blank best class, then ``end_id`` (confidence
     1.0: the transcript ends where the audio does).
@@ -203,7 +208,11 @@ def ctc_draft_sequence(logits: torch.Tensor, vocab_ids: torch.Tensor, end_id: in
     out_alts = []
     for t, tok in zip(alts, tokens):
         top_p, top_c = probs[t, 1:].topk(k)
-        out_alts.append([(int(vocab_ids[c]), float(p)) for p, c in zip(top_p.tolist(), top_c.tolist()) if int(vocab_ids[c]) != tok][:alternatives])
+        out_alts.append(
+            [(int(vocab_ids[c]), float(p)) for p, c in zip(top_p.tolist(), top_c.tolist()) if int(vocab_ids[c]) != tok][
+                :alternatives
+            ]
+        )
     if end_id is not None:
         tokens.append(int(end_id))
         conf.append(1.0)

@@ -236,7 +236,9 @@ class SpeculativeDecoder:
         st.encoder_s = time.perf_counter() - t0
 
         drafter.reset_counters()
-        ctx = UtteranceContext(feats, feat_lens, hidden, hidden_lens, target.prompt.end_id, tuple(target.prompt.stop_ids))
+        ctx = UtteranceContext(
+            feats, feat_lens, hidden, hidden_lens, target.prompt.end_id, tuple(target.prompt.stop_ids)
+        )
         drafter.begin(ctx)
 
         lead, state = inputs.inputs_embeds, None
@@ -281,7 +283,9 @@ class SpeculativeDecoder:
         return hyp, st
 
 
-def verify(llm, state: DecodeState | None, lead: torch.Tensor, tree: TokenTree) -> tuple[torch.Tensor, DecodeState, int]:
+def verify(
+    llm, state: DecodeState | None, lead: torch.Tensor, tree: TokenTree
+) -> tuple[torch.Tensor, DecodeState, int]:
     """One target forward over ``lead`` (1, L, H) embeddings and the tree's Q draft tokens.
 
     ``state`` None starts a new cache (``lead`` is then the whole prompt, positions from 0).

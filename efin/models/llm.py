@@ -88,8 +88,8 @@ def apply_adapter(model, adapter: str = "frozen", lora=None):
     """Set which LLM parameters train.
 
     ``frozen``: none (``requires_grad=False``); ``full``: all; ``lora``: only LoRA weights
-    (``peft.get_peft_model(model, lora)``). Works on a subset-head draft (:class:`~efin.models.draft.SubsetHeadLM`) too (the
-    adapter goes on its inner model).
+    (``peft.get_peft_model(model, lora)``). Works on a subset-head draft
+    (:class:`~efin.models.draft.SubsetHeadLM`) too (the adapter goes on its inner model).
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")

@@ -25,7 +25,9 @@ from efin.models.draft import SubsetHeadLM
 from efin.models.llm import ADAPTERS, apply_adapter
 
 #: Builder keys that do not change which pretrained weights an LLM spec denotes.
-RUNTIME_KEYS = frozenset({"adapter", "lora", "texts", "gradient_checkpointing", "cache_dir", "attn_implementation", "dtype"})
+RUNTIME_KEYS = frozenset(
+    {"adapter", "lora", "texts", "gradient_checkpointing", "cache_dir", "attn_implementation", "dtype"}
+)
 
 #: (previous adapter, new adapter) pairs a stage can start from: anything else would need
 #: base weights that neither the previous nor the new artifact stores.
@@ -128,7 +130,9 @@ def load_handoff_state(model: nn.Module, adapter: str, state: Mapping[str, Mappi
         # Tied weights (embeddings = head) may be stored once; anything else missing is an error.
         missing = [k for k in result.missing_keys if not _is_tied(model, k)]
         if missing or result.unexpected_keys:
-            raise LLMStateError(f"full LLM weights do not match: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+            raise LLMStateError(
+                f"full LLM weights do not match: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
     if "lora" in state:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 

@@ -195,7 +195,9 @@ class TokenCTCProjector(nn.Module):
             classes.append(mapped[mapped > 0])
         target_lens = torch.tensor([len(c) for c in classes], device=logits.device)
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (N, B, C)
-        return F.ctc_loss(log_probs, torch.cat(classes), lens, target_lens, blank=0, reduction="mean", zero_infinity=True)
+        return F.ctc_loss(
+            log_probs, torch.cat(classes), lens, target_lens, blank=0, reduction="mean", zero_infinity=True
+        )
 
     def greedy_tokens(self, logits: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
         """Collapsed best path: per item, the full-vocabulary token ids (no LLM involved)."""
@@ -217,7 +219,9 @@ class TokenCTCProjector(nn.Module):
         empty = keep.sum(1) == 0
         if empty.any():  # pick the position with the least blank probability
             blank = logits[..., 0] - logits[..., 1:].max(-1).values
-            blank = blank.masked_fill(torch.arange(keep.shape[1], device=keep.device)[None] >= lens[:, None], float("inf"))
+            blank = blank.masked_fill(
+                torch.arange(keep.shape[1], device=keep.device)[None] >= lens[:, None], float("inf")
+            )
             first = F.one_hot(blank.argmin(1), keep.shape[1]).bool()
             keep = keep | (first & empty[:, None])
         soft = (logits / self.temperature).softmax(-1) @ self._classes()  # (B, N, H)

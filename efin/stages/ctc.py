@@ -44,7 +44,11 @@ class CTCStage(pl.LightningModule):
         super().__init__()
         # plain containers: checkpoints load with weights_only
         lm = None if lm is None else dict(lm)
-        optimizer = plain(optimizer) if optimizer is not None else {"lr": 2e-3, "weight_decay": 1e-3, "warmup_steps": 400, "min_lr_ratio": 0.02}
+        optimizer = (
+            plain(optimizer)
+            if optimizer is not None
+            else {"lr": 2e-3, "weight_decay": 1e-3, "warmup_steps": 400, "min_lr_ratio": 0.02}
+        )
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
         self.model: CTCModel | None = None

@@ -37,7 +37,9 @@ MODES = ("kl", "argmax")
 # ---- losses (plain functions of logits) --------------------------------------------------------
 
 
-def subset_log_probs(target_logits: torch.Tensor, vocab_ids: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+def subset_log_probs(
+    target_logits: torch.Tensor, vocab_ids: torch.Tensor | None, temperature: float = 1.0
+) -> torch.Tensor:
     """The target's log-probabilities renormalised over a draft head's subset of the vocabulary.
 
     Args:
@@ -217,7 +219,8 @@ class DistillTarget:
             why = f"end token {model.prompt.end_id} vs {draft.prompt.end_id}"
         if why is not None:
             raise ArtifactError(
-                f"the distillation target (llm={handoff.llm.tag}) and the draft use different tokenizers (target vs draft: {why}); "
+                f"the distillation target (llm={handoff.llm.tag}) and the draft use different tokenizers "
+                f"(target vs draft: {why}); "
                 "distillation compares their next-token distributions id by id, so the draft must share its "
                 "target's tokenizer (a draft cut from that target, e.g. llm=<target>_draft)"
             )
