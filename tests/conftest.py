@@ -43,6 +43,15 @@ def compose_config(
     return cfg
 
 
+def with_values(cfg: DictConfig, **values) -> DictConfig:
+    """A copy of ``cfg`` with top-level keys set (new keys allowed)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for k, v in values.items():
+            cfg[k] = v
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir(tmp_path_factory) -> Path:
     """One data directory per test session, so the tiny corpus is generated once."""

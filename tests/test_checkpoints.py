@@ -16,7 +16,7 @@ from omegaconf import open_dict
 
 from efin.checkpoints import atomic_write, find_resume_checkpoint
 from efin.train import resolve_ckpt_path, train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, with_values
 
 TINY = ["data=tiny", "encoder=tiny", "stage.module.lm=null", "~logger", "~callbacks.progress_bar",
         "~callbacks.lr_monitor", "test_after_fit=false"]
@@ -90,7 +90,7 @@ def test_last_falls_back_to_the_newest_intact_checkpoint(run, caplog):
         os.utime(path, (now, now))
 
     with caplog.at_level(logging.INFO, logger="efin.checkpoints"):
-        chosen = resolve_ckpt_path(_with(cfg, ckpt_path="last"))
+        chosen = resolve_ckpt_path(with_values(cfg, ckpt_path="last"))
     assert chosen == str(intact)
     assert "skipped 2 newer checkpoint(s)" in caplog.text and "empty file" in caplog.text and "truncated" in caplog.text
     assert not stale.exists()
@@ -107,12 +107,12 @@ def test_auto_starts_fresh_without_checkpoints_and_last_fails_clearly(tmp_path):
     cfg = compose_config([*TINY, "ckpt_path=auto"], tmp_path)
     assert resolve_ckpt_path(cfg) is None
     with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoints"):
-        resolve_ckpt_path(_with(cfg, ckpt_path="last"))
+        resolve_ckpt_path(with_values(cfg, ckpt_path="last"))
     broken = Path(cfg.paths.stage_dir) / "runs" / "x" / "checkpoints"
     broken.mkdir(parents=True)
     (broken / "last.ckpt").write_bytes(b"not a zip")
     with pytest.raises(FileNotFoundError, match="no intact checkpoint"):
-        resolve_ckpt_path(_with(cfg, ckpt_path="last"))
+        resolve_ckpt_path(with_values(cfg, ckpt_path="last"))
     assert resolve_ckpt_path(cfg) is None  # auto: warns and starts fresh
 
 
@@ -134,11 +134,3 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, mon
     atomic_write(target, lambda f: torch.save({"step": 2}, f))
     assert renamed == [tmp_path]  # the temp file lives in the destination directory: a rename, not a copy
     assert _load(target) == {"step": 2}
-
-
-def _with(cfg, **values):
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        for k, v in values.items():
-            cfg[k] = v
-    return cfg

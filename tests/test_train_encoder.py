@@ -7,13 +7,12 @@ from pathlib import Path
 
 import jiwer
 import pytest
-from omegaconf import open_dict
 
 from efin.artifacts import ArtifactError, load_artifact
 from efin.evaluate import evaluate
 from efin.inference import load_recognizer
 from efin.train import resolve_ckpt_path, train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, with_values
 
 TINY = ["data=tiny", "encoder=tiny", "~logger", "trainer.max_epochs=1"]
 
@@ -91,7 +90,7 @@ def test_missing_artifact_names_what_to_run(tmp_path):
 
 def test_resume_from_last_checkpoint(encoder_run, shared_data_dir):
     cfg, _ = encoder_run
-    assert resolve_ckpt_path(_with(cfg, ckpt_path="last")).endswith("last.ckpt")
+    assert resolve_ckpt_path(with_values(cfg, ckpt_path="last")).endswith("last.ckpt")
     resumed = compose_config(TINY + ["trainer.max_epochs=2", "ckpt_path=last", "test_after_fit=false"],
                              Path(cfg.paths.root_dir), shared_data_dir, run="run2")
     metrics = train(resumed)
@@ -103,13 +102,6 @@ def test_ckpt_path_last_without_runs_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
         resolve_ckpt_path(cfg)
 
-
-def _with(cfg, **values):
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        for k, v in values.items():
-            cfg[k] = v
-    return cfg
 
 
 def test_each_test_set_is_scored_on_its_own(tmp_path, shared_data_dir):
