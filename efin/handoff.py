@@ -106,7 +106,9 @@ class LLMPart:
     def build(self, cache_dir: str | None = None):
         """``(llm, tokenizer)``: rebuilt from the spec with its adapter, stored weights loaded
         (expected keys checked). ``cache_dir`` replaces the spec's LLM cache location."""
-        model_spec = self.spec["model"] if cache_dir is None else _replace_key(self.spec["model"], "cache_dir", cache_dir)
+        model_spec = (
+            self.spec["model"] if cache_dir is None else _replace_key(self.spec["model"], "cache_dir", cache_dir)
+        )
         llm, tokenizer = build_llm_from_spec(model_spec, self.adapter, self.spec.get("lora"))
         try:
             load_handoff_state(llm, self.adapter, self.weights)
@@ -291,7 +293,9 @@ class SpeechLLMStart:
                 f"cannot train a {previous.llm.adapter!r} LLM from the artifact with adapter {self.adapter!r}; "
                 f"allowed (previous, new): {sorted(TRANSITIONS)}"
             )
-        if previous.llm.adapter == self.adapter == "lora" and previous.llm.spec.get("lora") != self.llm_node.get("lora"):
+        if previous.llm.adapter == self.adapter == "lora" and previous.llm.spec.get("lora") != self.llm_node.get(
+            "lora"
+        ):
             raise ArtifactError(
                 f"the artifact's LoRA settings {previous.llm.spec.get('lora')} differ from llm.lora "
                 f"{self.llm_node.get('lora')}; continuing LoRA training needs the same settings"
@@ -360,7 +364,8 @@ class SpeechLLMStart:
                 what = "width mismatch" if widths else "a different projector"
                 detail = ", ".join(f"{k}: artifact {a} vs this run {b}" for k, (a, b) in diff.items())
                 raise ArtifactError(
-                    f"init_from artifact holds {what} ({detail}); pass the projector/llm/encoder options it was trained with."
+                    f"init_from artifact holds {what} ({detail}); "
+                    "pass the projector/llm/encoder options it was trained with."
                 )
         projector = instantiate(config)
         if self.previous is not None:
@@ -370,7 +375,8 @@ class SpeechLLMStart:
             ):
                 raise ArtifactError(
                     "init_from holds a CTC projector aligned to another LLM whose token embeddings differ from "
-                    f"llm={self.llm_node.get('tag')}'s; only an LLM with the same embeddings (a draft cut from it) can reuse it"
+                    f"llm={self.llm_node.get('tag')}'s; only an LLM with the same embeddings (a draft cut from it) "
+                    "can reuse it"
                 )
         elif isinstance(projector, TokenCTC):  # a CTC projector scores the transcripts' tokens
             vocab_ids = draft_vocab(tokenizer, projector.vocab_ids.numel(), texts)

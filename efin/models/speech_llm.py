@@ -130,7 +130,9 @@ class SpeechLLM(nn.Module):
         speech, lens = self.projector(hidden, lens)
         return speech.to(self.llm.get_input_embeddings().weight.dtype), lens
 
-    def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor, texts: list[str], lm: bool = True) -> SpeechLLMOutput:
+    def forward(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, texts: list[str], lm: bool = True
+    ) -> SpeechLLMOutput:
         """Mean next-token cross-entropy on the (normalised) transcripts and end tokens, and the
         projector's CTC loss on the transcript tokens when it has one.
 
@@ -148,7 +150,9 @@ class SpeechLLM(nn.Module):
                 return SpeechLLMOutput(ctc.new_zeros(()), 0, keep, ctc, (hidden, lens), targets)
         elif not lm:
             raise ValueError("lm=False leaves nothing to train: this projector has no CTC loss")
-        scored = self.teacher_forced(hidden, lens, targets, keep, ctc_logits=(logits, logit_lens) if self.has_ctc else None)
+        scored = self.teacher_forced(
+            hidden, lens, targets, keep, ctc_logits=(logits, logit_lens) if self.has_ctc else None
+        )
         loss, n = self.cross_entropy(scored)
         return SpeechLLMOutput(loss, n, keep, ctc, (hidden, lens), targets, scored)
 
@@ -170,7 +174,9 @@ class SpeechLLM(nn.Module):
         else:
             speech, speech_lens = self.projector(hidden, lens)
         speech = speech.to(self.llm.get_input_embeddings().weight.dtype)
-        return self.label_logits(self.prompt.training_inputs(self.llm.get_input_embeddings(), speech, speech_lens, targets, keep))
+        return self.label_logits(
+            self.prompt.training_inputs(self.llm.get_input_embeddings(), speech, speech_lens, targets, keep)
+        )
 
     def label_logits(self, inputs: LLMInputs) -> LabelLogits:
         """The head runs on label positions only: for a big vocabulary it is the costly part,

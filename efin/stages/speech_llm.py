@@ -70,12 +70,21 @@ class SpeechLLMStage(pl.LightningModule):
     ):
         super().__init__()
         encoder, projector, llm, optimizer = plain(encoder), plain(projector), plain(llm), plain(optimizer)
-        self.save_hyperparameters({
-            "encoder": encoder, "projector": projector, "llm": llm, "optimizer": optimizer, "adapter": adapter,
-            "train_encoder": train_encoder, "encoder_lr": encoder_lr,
-            "val_generate_max_utterances": val_generate_max_utterances, "lm_weight": lm_weight, "ctc_weight": ctc_weight,
-            "distill": plain(distill),
-        })
+        self.save_hyperparameters(
+            {
+                "encoder": encoder,
+                "projector": projector,
+                "llm": llm,
+                "optimizer": optimizer,
+                "adapter": adapter,
+                "train_encoder": train_encoder,
+                "encoder_lr": encoder_lr,
+                "val_generate_max_utterances": val_generate_max_utterances,
+                "lm_weight": lm_weight,
+                "ctc_weight": ctc_weight,
+                "distill": plain(distill),
+            }
+        )
         if val_generate_max_utterances is not None and val_generate_max_utterances < 0:
             raise ValueError("val_generate_max_utterances must be >= 0 (0: no val/wer/dev) or null (all)")
         self.start = SpeechLLMStart(encoder, projector, llm, adapter)
@@ -202,7 +211,15 @@ class SpeechLLMStage(pl.LightningModule):
         loss = self._log_losses("train", "", out, batch)
         # Over-long transcripts run with masked labels (same work on every DDP rank); count them.
         skipped = int((~out.keep).sum())
-        self.log("train/skipped", float(skipped), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log(
+            "train/skipped",
+            float(skipped),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=size,
+        )
         return loss
 
     def _eval_step(self, batch, split: str, dataset: str, limit: int | None, num_beams: int | None) -> None:
@@ -226,7 +243,9 @@ class SpeechLLMStage(pl.LightningModule):
             self._generate_left = max(self._generate_left - len(batch["texts"]), 0)
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._eval_step(batch, "test", test_set_name(self, dataloader_idx), None, num_beams=None)  # llm.generation defaults
+        self._eval_step(
+            batch, "test", test_set_name(self, dataloader_idx), None, num_beams=None
+        )  # llm.generation defaults
 
     def on_validation_epoch_start(self) -> None:
         self.transcripts.reset()
