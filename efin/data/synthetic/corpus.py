@@ -41,7 +41,7 @@ from pathlib import Path
 
 from efin.data.manifest import Utterance, write_manifest
 from efin.data.synthetic import natural
-from efin.data.synthetic.common import FORMAT_VERSION, SPLITS, CorpusError
+from efin.data.synthetic.common import FORMAT_VERSION, SPLITS, CorpusError, dist_version
 from efin.data.synthetic.sentences import generate_sentences
 from efin.data.synthetic.speech import chunk_jobs, plan_jobs, render_chunk, voice_sets
 from efin.text import normalize
@@ -359,8 +359,8 @@ def _generate(root: Path, params: dict, paths: dict[str, Path], num_workers: int
         "generation_seconds": round(seconds, 1),
         "versions": {
             "espeak_ng": engine_version,
-            "espeakng_loader": _dist_version("espeakng-loader"),
-            "essential_generators": _dist_version("essential-generators"),
+            "espeakng_loader": dist_version("espeakng-loader"),
+            "essential_generators": dist_version("essential-generators"),
             "python": sys.version.split()[0],
         },
     }
@@ -383,19 +383,10 @@ def _text_record(text_source: str) -> dict:
     return {
         "source": "markov",
         "sources": [{"name": "markov", "package": "essential-generators",
-                     "version": _dist_version("essential-generators"),
+                     "version": dist_version("essential-generators"),
                      "description": "sentences walked from a Markov text model trained on Wikipedia text",
                      "license": "MIT (package); Wikipedia text CC BY-SA"}],
     }
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:

@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from efin.data.synthetic.common import CorpusError
+from efin.data.synthetic.common import CorpusError, dist_version, speakable_words
 from efin.text import normalize
 
 # (distribution, what it is, licence): recorded in corpus.json and credited in the README.
@@ -148,20 +148,7 @@ def is_speakable(sentence: str, min_words: int = 4, max_words: int = 14, max_wor
     last = words[-1]
     if not _END.search(last) or len(last) < 2 or not last[-2].isalpha():  # one final mark
         return False
-    words = words[:-1] + [last[:-1]]
-    if not words[0][:1].isupper():
-        return False
-    for w in words:
-        if not _WORD.match(w):
-            return False
-        core = w.rstrip(",;:")
-        if len(core) > max_word_chars:
-            return False
-        if len(core) == 1 and core not in ("a", "A", "I"):
-            return False
-        if any(c.isupper() for c in core[1:]):
-            return False
-    return True
+    return speakable_words(words[:-1] + [last[:-1]], _WORD, ",;:", max_word_chars)
 
 
 def natural_pool(
@@ -226,15 +213,10 @@ def natural_sentences(
 
 def source_record(sources: Iterable[str] = DEFAULT_SOURCES) -> list[dict]:
     """What corpus.json says about the text: each source's package, version, content, licence."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = []
     for name in sources:
         info = SOURCES[name]
-        try:
-            ver = version(info["package"])
-        except PackageNotFoundError:
-            ver = "missing"
+        ver = dist_version(info["package"], missing="missing")
         out.append({"name": name, "package": info["package"], "version": ver, "files": list(info["files"]),
                     "description": info["description"], "license": info["license"]})
     return out

@@ -14,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-from efin.data.synthetic.common import FORMAT_VERSION, CorpusError, cache_dir
+from efin.data.synthetic.common import FORMAT_VERSION, CorpusError, cache_dir, speakable_words
 from efin.text import normalize
 
 log = logging.getLogger(__name__)
@@ -45,20 +45,7 @@ def _is_clean(words: list[str], min_words: int, max_words: int, max_word_chars: 
     last = words[-1]
     if not last.endswith(".") or last.endswith(",."):
         return False
-    words = words[:-1] + [last[:-1]]
-    if not words[0][:1].isupper():
-        return False
-    for w in words:
-        if not _TOKEN.match(w):
-            return False
-        core = w.rstrip(",")
-        if len(core) > max_word_chars:
-            return False
-        if len(core) == 1 and core not in ("a", "A", "I"):
-            return False
-        if any(c.isupper() for c in core[1:]):  # "NATO", "McDonald", "iPhone"
-            return False
-    return True
+    return speakable_words(words[:-1] + [last[:-1]], _TOKEN, ",", max_word_chars)
 
 
 def _frequent_words(chain: dict, size: int) -> set[str]:
