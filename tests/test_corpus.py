@@ -16,8 +16,9 @@ from efin.data.manifest import load_manifest
 from efin.data.synthetic import corpus as synthetic_corpus
 from efin.data.synthetic import sentences as sentences_mod
 from efin.data.synthetic import speech as speech_mod
+from efin.data.synthetic.cli import main
 from efin.data.synthetic.common import CorpusError
-from efin.data.synthetic.corpus import DEFAULT_TEST_VARIANTS, ensure_synthetic_corpus, main
+from efin.data.synthetic.corpus import DEFAULT_TEST_VARIANTS, ensure_synthetic_corpus
 from efin.text import normalize
 
 TINY = dict(num_train=12, num_dev=3, num_test=3, num_test_voices=3, seed=1234)

@@ -1,5 +1,5 @@
 """python -m efin.data.synthetic --root DIR: generate the corpus ahead of training."""
 
-from efin.data.synthetic.corpus import main
+from efin.data.synthetic.cli import main
 
 main()
