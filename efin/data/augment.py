@@ -139,6 +139,11 @@ class FeatureAugment:
         self.time_mask_width = int(time_mask_width)
         self.time_mask_max_ratio = float(time_mask_max_ratio)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether it changes features at all (masks or a warp)."""
+        return self.freq_masks > 0 or self.time_masks > 0 or self.warp_range is not None
+
     def warp(self, feats: torch.Tensor, factor: float) -> torch.Tensor:
         """(T, F) -> (T, F): output bin i reads input position i / factor (linear interpolation,
         clamped at the top bin)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchaudio.models import Conformer
+from torchaudio.models.conformer import ConformerLayer
 
 
 class GlobalCMVN(nn.Module):
@@ -105,7 +106,45 @@ class Encoder(nn.Module):
         self.cmvn.set_stats(mean, std)
 
     def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, F) log-mel at 100 frames/s -> ((B, T', D) at 25 frames/s, (B,) valid lengths)."""
+        """(B, T, F) log-mel at 100 frames/s -> ((B, T', D) at 25 frames/s, (B,) valid lengths).
+
+        An utterance's valid frames do not depend on its batch-mates' padding (up to float
+        rounding): attention masks padded keys and the convolution modules see padded frames as
+        zeros (torchaudio's own Conformer.forward lets padding leak into the last
+        ``conv_kernel // 2`` frames; these weights are torchaudio's, only the forward differs).
+        """
         x, lens = self.subsample(self.cmvn(feats), feat_lens)
-        x, lens = self.conformer(self.dropout(x), lens)
-        return x, lens
+        padding = torch.arange(x.shape[1], device=x.device)[None, :] >= lens[:, None]  # (B, T') True = pad
+        x = self.dropout(x).transpose(0, 1)  # (T', B, D): torchaudio's layer layout
+        for layer in self.conformer.conformer_layers:
+            x = conformer_layer(layer, x, padding)
+        return x.transpose(0, 1), lens
+
+
+def conformer_layer(layer: ConformerLayer, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """torchaudio's ConformerLayer.forward with padded frames zeroed before the depthwise conv.
+
+    x: (T, B, D); padding: (B, T) bool, True at padded frames. Returns (T, B, D).
+    """
+    x = x + 0.5 * layer.ffn1(x)
+    if layer.convolution_first:
+        x = x + masked_convolution(layer.conv_module, x, padding)
+    h = layer.self_attn_layer_norm(x)
+    h, _ = layer.self_attn(query=h, key=h, value=h, key_padding_mask=padding, need_weights=False)
+    x = x + layer.self_attn_dropout(h)
+    if not layer.convolution_first:
+        x = x + masked_convolution(layer.conv_module, x, padding)
+    x = x + 0.5 * layer.ffn2(x)
+    return layer.final_layer_norm(x)
+
+
+def masked_convolution(module: nn.Module, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Conformer convolution module (layer norm, pointwise conv + GLU, depthwise conv, norm,
+    SiLU, pointwise conv, dropout) on (T, B, D) with padded frames zeroed where the depthwise
+    conv reads them; returns (T, B, D)."""
+    pointwise, glu, depthwise, *rest = module.sequential
+    h = glu(pointwise(module.layer_norm(x).permute(1, 2, 0)))  # (B, C, T)
+    h = depthwise(h.masked_fill(padding[:, None, :], 0.0))
+    for m in rest:
+        h = m(h)
+    return h.permute(2, 0, 1)

@@ -131,17 +131,20 @@ class SpeechLLM(nn.Module):
         return speech.to(self.llm.get_input_embeddings().weight.dtype), lens
 
     def forward(
-        self, feats: torch.Tensor, feat_lens: torch.Tensor, texts: list[str], lm: bool = True
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, texts: list[str], lm: bool = True,
+        encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SpeechLLMOutput:
         """Mean next-token cross-entropy on the (normalised) transcripts and end tokens, and the
         projector's CTC loss on the transcript tokens when it has one.
 
         ``lm`` False skips the LLM (loss 0): a CTC projector then aligns without LLM compute.
         Over-long transcripts still run (cut, labels masked) so every DDP rank does the same
-        work; ``keep`` reports them.
+        work; ``keep`` reports them. ``encoded``: this batch's encoder output (hidden (B, T', D),
+        lens (B,)) when already known (:class:`efin.models.encoder_cache.EncoderCache`); the
+        encoder is then not run.
         """
         targets, keep = self.prompt.encode_transcripts(texts)
-        hidden, lens = self.encoder(feats, feat_lens)
+        hidden, lens = encoded if encoded is not None else self.encoder(feats, feat_lens)
         ctc = None
         if self.has_ctc:
             logits, logit_lens = self.projector.token_logits(hidden, lens)

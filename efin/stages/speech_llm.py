@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from efin.artifacts import ArtifactError
 from efin.decoding.generate import ctc_transcribe, generate
 from efin.handoff import SpeechLLMStart, plain
+from efin.models.encoder_cache import EncoderCache, encoder_fingerprint
 from efin.models.protocols import TokenCTC
 from efin.models.speech_llm import SpeechLLM
 from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, parameter_counts, test_set_name, trained_state_keys
@@ -60,13 +61,18 @@ class SpeechLLMStage(pl.LightningModule):
         distill: :class:`efin.stages.distill.DistillOptions` (``target`` null = off): train a
             draft to agree with a target (KL to its distribution mixed into the LM term) and log
             ``train/agree`` / ``val/agree/dev``.
+        cache_encoder: ``auto`` | true | false: keep each training/dev utterance's encoder
+            output in CPU memory and skip the encoder for utterances seen before
+            (:class:`efin.models.encoder_cache.EncoderCache`). auto = on when the encoder is
+            frozen and the training data has no augmentation; true refuses a trained encoder
+            or augmented data (their outputs change every epoch).
     """
 
     def __init__(
         self, encoder: DictConfig, projector: DictConfig, llm: DictConfig, optimizer: DictConfig,
         adapter: str = "frozen", train_encoder: bool = False, encoder_lr: float = 1e-5,
         val_generate_max_utterances: int | None = 100, lm_weight: float = 1.0, ctc_weight: float = 0.0,
-        distill: DictConfig | dict | None = None,
+        distill: DictConfig | dict | None = None, cache_encoder: str | bool = False,
     ):
         super().__init__()
         encoder, projector, llm, optimizer = plain(encoder), plain(projector), plain(llm), plain(optimizer)
@@ -83,8 +89,13 @@ class SpeechLLMStage(pl.LightningModule):
                 "lm_weight": lm_weight,
                 "ctc_weight": ctc_weight,
                 "distill": plain(distill),
+                "cache_encoder": cache_encoder,
             }
         )
+        if cache_encoder not in ("auto", True, False):
+            raise ValueError(f"cache_encoder must be auto, true or false, got {cache_encoder!r}")
+        self.encoder_cache: EncoderCache | None = None  # decided in configure_model (needs the data)
+        self._cache_logged = False
         if val_generate_max_utterances is not None and val_generate_max_utterances < 0:
             raise ValueError("val_generate_max_utterances must be >= 0 (0: no val/wer/dev) or null (all)")
         self.start = SpeechLLMStart(encoder, projector, llm, adapter)
@@ -117,6 +128,7 @@ class SpeechLLMStage(pl.LightningModule):
         check_loss_weights(self.model.projector, h.lm_weight, h.ctc_weight)
         if target_artifact is not None:
             self.target = DistillTarget.build(target_artifact, self.model, self.start.features, h.train_encoder)
+        self._setup_encoder_cache(dm)
         m = self.model
         rate = m.projector.audio_tokens_per_second(dm.featurizer.frames_per_second / m.encoder.subsampling)
         counts = parameter_counts({"encoder": m.encoder, "projector": m.projector, "llm": m.llm})
@@ -127,6 +139,35 @@ class SpeechLLMStage(pl.LightningModule):
             ", ".join(f"{n} {counts[f'params/{n}/trainable']:,} of {counts[f'params/{n}/total']:,}"
                       for n in ("encoder", "projector", "llm")),
         )
+
+    def _setup_encoder_cache(self, dm) -> None:
+        """Decide ``cache_encoder`` (see the class doc): why not, when it cannot apply."""
+        want = self.hparams.cache_encoder
+        augmented = [name for name in ("wave_augment", "feature_augment")
+                     if getattr(getattr(dm, name, None), "enabled", False)]
+        why_not = ("the encoder trains (train_encoder=true)" if self.hparams.train_encoder
+                   else f"the training data is augmented ({', '.join(augmented)})" if augmented else None)
+        if want is True and why_not:
+            raise ValueError(f"stage.module.cache_encoder=true, but {why_not}: its output changes every epoch")
+        if want is False or why_not:
+            if want == "auto" and why_not:
+                log.info("Encoder output not cached: %s", why_not)
+            return
+        self.encoder_cache = EncoderCache(encoder_fingerprint(self.model.encoder, dict(dm.featurizer.config)))
+        log.info("Caching the frozen encoder's output per utterance in CPU memory (stage.module.cache_encoder=%s)", want)
+
+    def _encode(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch's encoder output from the cache (filling it), or None without a cache."""
+        if self.encoder_cache is None:
+            return None
+        keys = [f"{split}/{i}" for i in batch["ids"]]  # train and dev ids may coincide
+        return self.encoder_cache.encode(self.model.encoder, batch["feats"], batch["feat_lens"], keys)
+
+    def on_train_epoch_end(self) -> None:
+        cache = self.encoder_cache
+        if cache is not None and not self._cache_logged and len(cache):
+            self._cache_logged = True  # the first epoch filled it: later epochs only hit
+            log.info("Encoder cache: %d utterances, %.1f MiB of CPU memory (per rank)", len(cache), cache.nbytes / 2**20)
 
     def on_fit_start(self) -> None:
         if self.logger:
@@ -206,7 +247,8 @@ class SpeechLLMStage(pl.LightningModule):
         return out.loss if weight == 0 else weight * kd + (1 - weight) * out.loss
 
     def training_step(self, batch, batch_idx):
-        out = self.model(batch["feats"], batch["feat_lens"], batch["texts"], lm=self.hparams.lm_weight > 0)
+        out = self.model(batch["feats"], batch["feat_lens"], batch["texts"], lm=self.hparams.lm_weight > 0,
+                         encoded=self._encode(batch, "train"))
         size = len(batch["texts"])
         loss = self._log_losses("train", "", out, batch)
         # Over-long transcripts run with masked labels (same work on every DDP rank); count them.
@@ -223,7 +265,9 @@ class SpeechLLMStage(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch, split: str, dataset: str, limit: int | None, num_beams: int | None) -> None:
-        out = self.model(batch["feats"], batch["feat_lens"], batch["texts"])
+        # Only dev is cached: it is seen at every validation, a test set once.
+        encoded = self._encode(batch, "dev") if split == "val" and not self.trainer.sanity_checking else None
+        out = self.model(batch["feats"], batch["feat_lens"], batch["texts"], encoded=encoded)
         self._log_losses(split, dataset, out, batch)
         if self.model.has_ctc:  # what the projector alone hears, as text: val/wer/dev_ctc
             hyps = ctc_transcribe(self.model, batch["feats"], batch["feat_lens"])
