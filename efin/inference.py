@@ -138,6 +138,8 @@ class SpeechLLMRecognizer:
     (None: the artifact's generation settings), ``cache_dir`` (where the LLM's pretrained
     weights are cached on this machine), ``rescore_nbest`` (0: generate; N: rescore an N-best
     list), ``rescore_weight`` (the LLM log-probability's weight against the first pass's score),
+    ``tokens_per_ctc_token`` and ``trim_loops`` (the output guards of
+    :class:`~efin.models.speech_llm.SpeechLLM`; None: the artifact's, tokens_per_ctc_token 0: off),
     ``speculative`` (a mapping of :class:`~efin.decoding.speculative.SpeculativeConfig` fields;
     ``draft``: None = off, ``ctc``, ``none``, ``auto``, or a draft artifact path; see
     :func:`resolve_draft`). Speculative decoding is greedy and lossless, so it excludes beam
@@ -156,12 +158,15 @@ class SpeechLLMRecognizer:
         rescore_nbest: int = 0,
         rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
         speculative: Mapping | None = None,
+        tokens_per_ctc_token: float | None = None,
+        trim_loops: bool | None = None,
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
         model = handoff.build(cache_dir)
         first_pass = {k: handoff.first_pass.get(k) for k in FIRST_PASS_KEYS}
         self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight,
-                   speculative=speculative, cache_dir=cache_dir)
+                   speculative=speculative, cache_dir=cache_dir, tokens_per_ctc_token=tokens_per_ctc_token,
+                   trim_loops=trim_loops)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
@@ -177,8 +182,13 @@ class SpeechLLMRecognizer:
         self, model, device, num_beams=None, length_penalty=None, max_new_tokens=None, first_pass=None,
         rescore_nbest: int = 0, rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
         speculative: Mapping | None = None, cache_dir: str | None = None, draft_model=None,
+        tokens_per_ctc_token: float | None = None, trim_loops: bool | None = None,
     ) -> None:
         self.model = model.to(device).eval()
+        if tokens_per_ctc_token is not None:  # 0 turns the CTC bound off
+            model.tokens_per_ctc_token = tokens_per_ctc_token or None
+        if trim_loops is not None:
+            model.trim_loops = trim_loops
         self.device = device
         self.options = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
         self.rescorer = None

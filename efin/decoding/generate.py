@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from efin.decoding.llm_search import Hypothesis, beam_search, greedy_search, score_continuations
+from efin.decoding.loops import trim_loop
 from efin.models.protocols import TokenCTC
 from efin.models.speech_llm import SpeechLLM
 
@@ -26,12 +27,15 @@ def decode(
     """Token-level results of :func:`generate`: one :class:`Hypothesis` per utterance."""
     num_beams = model.num_beams if num_beams is None else num_beams
     length_penalty = model.length_penalty if length_penalty is None else length_penalty
-    limits = model.max_new_tokens_for(feat_lens) if max_new_tokens is None else max_new_tokens
-    inputs = model.generation_inputs(feats, feat_lens)
+    speech, speech_lens = model.embed_speech(feats, feat_lens)
+    limits = model.max_new_tokens_for(feat_lens, speech_lens) if max_new_tokens is None else max_new_tokens
+    inputs = model.prompt.generation_inputs(model.llm.get_input_embeddings(), speech, speech_lens)
     args = (model.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, model.prompt.stop_ids, limits)
     if num_beams == 1:
-        return greedy_search(*args)
-    return beam_search(*args, num_beams=num_beams, length_penalty=length_penalty)
+        hyps = greedy_search(*args)
+    else:
+        hyps = beam_search(*args, num_beams=num_beams, length_penalty=length_penalty)
+    return [trim_loop(h) for h in hyps] if model.trim_loops else hyps
 
 
 def detokenize(model: SpeechLLM, hyps: list[Hypothesis]) -> list[str]:
@@ -52,6 +56,7 @@ def generate(
 
     ``max_new_tokens`` None derives a per-utterance limit from its duration
     (``model.max_new_tokens_for``); ``num_beams`` 1 is greedy; None takes the model's defaults.
+    Hypotheses that reach the limit lose a trailing loop when ``model.trim_loops``.
     """
     return detokenize(model, decode(model, feats, feat_lens, max_new_tokens, num_beams, length_penalty))
 

@@ -31,6 +31,7 @@ import torch
 
 from efin.decoding.drafters import Drafter, DraftPolicy, NoDrafter, SpeechLLMDrafter, UtteranceContext, rollback
 from efin.decoding.llm_search import DecodeState, Hypothesis, forward_step, new_cache
+from efin.decoding.loops import trim_loop
 from efin.decoding.sequence_drafters import CTCDrafter
 from efin.decoding.tree import TokenTree, compact_cache, greedy_accept, tree_attention_mask, tree_position_ids
 
@@ -196,16 +197,17 @@ class SpeculativeDecoder:
         """feats (B, T, F), feat_lens (B,) -> B hypotheses (greedy's, token for token).
 
         max_new_tokens: None (each utterance's ``target.max_new_tokens_for``), an int, or (B,).
+        Hypotheses that reach the limit lose a trailing loop when ``target.trim_loops`` (as greedy).
         """
-        limits = self.target.max_new_tokens_for(feat_lens) if max_new_tokens is None else max_new_tokens
-        if isinstance(limits, int):
+        limits = max_new_tokens
+        if limits is None or isinstance(limits, int):
             limits = [limits] * feats.shape[0]
-        limits = [int(x) for x in (limits.tolist() if torch.is_tensor(limits) else limits)]
+        limits = [None if x is None else int(x) for x in (limits.tolist() if torch.is_tensor(limits) else limits)]
         hyps, self.stats = [], []
         for b in range(feats.shape[0]):
             n = int(feat_lens[b])
             hyp, st = self.decode_one(feats[b : b + 1, :n], feat_lens[b : b + 1], limits[b])
-            hyps.append(hyp)
+            hyps.append(trim_loop(hyp) if self.target.trim_loops else hyp)
             self.stats.append(st)
         return hyps
 
@@ -217,20 +219,25 @@ class SpeculativeDecoder:
         return [tok.decode(h.tokens, skip_special_tokens=True).strip() for h in hyps]
 
     @torch.no_grad()
-    def decode_one(self, feats: torch.Tensor, feat_lens: torch.Tensor, limit: int) -> tuple[Hypothesis, UtteranceStats]:
+    def decode_one(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, limit: int | None = None
+    ) -> tuple[Hypothesis, UtteranceStats]:
         """One utterance: feats (1, T, F), feat_lens (1,), at most ``limit`` generated tokens
-        (stop token included) -> its hypothesis and statistics."""
+        (stop token included; None: the target's ``max_new_tokens_for``, as greedy decoding)
+        -> its hypothesis and statistics."""
         if feats.shape[0] != 1:
             raise ValueError(f"decode_one takes one utterance, got a batch of {feats.shape[0]}")
         target, drafter = self.target, self.drafter
         hyp, st = Hypothesis([], 0.0), UtteranceStats()
-        if limit <= 0:
+        if limit is not None and limit <= 0:
             return hyp, st
         stops = set(target.prompt.stop_ids)
 
         t0 = time.perf_counter()
         hidden, hidden_lens = target.encoder(feats, feat_lens)
         speech, speech_lens = target.project(hidden, hidden_lens)
+        if limit is None:
+            limit = int(target.max_new_tokens_for(feat_lens, speech_lens)[0])
         embed = target.llm.get_input_embeddings()
         inputs = target.prompt.generation_inputs(embed, speech, speech_lens)
         st.encoder_s = time.perf_counter() - t0

@@ -76,6 +76,11 @@ class SpeechLLM(nn.Module):
         frames_per_second: feature frames per second of audio (100 for 10 ms hops).
         tokens_per_second, extra_tokens: default generation limit per utterance,
             ``ceil(tokens_per_second * seconds + extra_tokens)`` tokens (end token included).
+        tokens_per_ctc_token: with a CTC projector, the limit is also at most
+            ``ceil(tokens_per_ctc_token * N + extra_tokens)`` for the N tokens the CTC head heard:
+            output bounded by what the audio holds (None = the duration limit only).
+        trim_loops: a hypothesis that reaches its limit loses a trailing repetition loop
+            (:func:`efin.decoding.loops.trim_loop`).
         num_beams: default beam size of :func:`efin.decoding.generate.decode` (1 = greedy).
         length_penalty: beam ranking ``log_prob / length ** length_penalty``.
     """
@@ -93,6 +98,8 @@ class SpeechLLM(nn.Module):
         extra_tokens: int = 10,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        tokens_per_ctc_token: float | None = 2.0,
+        trim_loops: bool = True,
     ):
         super().__init__()
         hidden = llm.get_input_embeddings().weight.shape[1]
@@ -113,6 +120,7 @@ class SpeechLLM(nn.Module):
         self.frames_per_second = frames_per_second
         self.tokens_per_second, self.extra_tokens = tokens_per_second, extra_tokens
         self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.tokens_per_ctc_token, self.trim_loops = tokens_per_ctc_token, trim_loops
 
     # ------------------------------------------------------------------------------------------
 
@@ -213,10 +221,16 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------
 
-    def max_new_tokens_for(self, feat_lens: torch.Tensor) -> torch.Tensor:
-        """(B,) generation limit from audio length: ``ceil(tokens_per_second * seconds + extra_tokens)``."""
-        seconds = feat_lens.double() / self.frames_per_second
-        return torch.ceil(self.tokens_per_second * seconds + self.extra_tokens).long().cpu()
+    def max_new_tokens_for(self, feat_lens: torch.Tensor, speech_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) generation limit: ``ceil(tokens_per_second * seconds + extra_tokens)`` from the
+        audio length, and with a CTC projector and ``speech_lens`` (B,) (its token counts, from
+        :meth:`embed_speech`) at most ``ceil(tokens_per_ctc_token * N + extra_tokens)``."""
+        seconds = feat_lens.double().cpu() / self.frames_per_second
+        limit = torch.ceil(self.tokens_per_second * seconds + self.extra_tokens)
+        if speech_lens is not None and self.has_ctc and self.tokens_per_ctc_token is not None:
+            heard = torch.ceil(self.tokens_per_ctc_token * speech_lens.double().cpu() + self.extra_tokens)
+            limit = torch.minimum(limit, heard)
+        return limit.long()
 
     def generation_inputs(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> LLMInputs:
         """Left-padded prompts with speech, ready for ``efin.decoding.llm_search`` (or speculative decoding)."""
