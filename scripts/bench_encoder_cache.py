@@ -136,7 +136,9 @@ def bench(name: str, args) -> dict | None:
         run_step(b, opt, cache.encode(model.encoder, b["feats"], b["feat_lens"], keys(b)))
         fill.append(time.perf_counter() - t)
     opt = fresh()
-    losses_cached = [run_step(b, opt, cache.encode(model.encoder, b["feats"], b["feat_lens"], keys(b))) for b in batches]
+    losses_cached = [
+        run_step(b, opt, cache.encode(model.encoder, b["feats"], b["feat_lens"], keys(b))) for b in batches
+    ]
 
     # Timing: interleaved per batch, median over rounds (weights keep training; cost does not depend on them).
     opt = fresh()

@@ -12,7 +12,9 @@ from efin.models.encoder_cache import EncoderCache, encoder_fingerprint
 from efin.train import train
 from tests.conftest import compose_config
 
-TINY_ENCODER = dict(d_model=32, num_layers=1, num_heads=2, ffn_dim=64, conv_kernel=7, dropout=0.0, subsampling_channels=8)
+TINY_ENCODER = dict(
+    d_model=32, num_layers=1, num_heads=2, ffn_dim=64, conv_kernel=7, dropout=0.0, subsampling_channels=8
+)
 
 
 def test_a_cached_batch_equals_the_encoder_on_the_same_batch():

@@ -154,7 +154,8 @@ class SpeechLLMStage(pl.LightningModule):
                 log.info("Encoder output not cached: %s", why_not)
             return
         self.encoder_cache = EncoderCache(encoder_fingerprint(self.model.encoder, dict(dm.featurizer.config)))
-        log.info("Caching the frozen encoder's output per utterance in CPU memory (stage.module.cache_encoder=%s)", want)
+        log.info("Caching the frozen encoder's output per utterance in CPU memory (stage.module.cache_encoder=%s)",
+                 want)
 
     def _encode(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The batch's encoder output from the cache (filling it), or None without a cache."""
@@ -167,7 +168,8 @@ class SpeechLLMStage(pl.LightningModule):
         cache = self.encoder_cache
         if cache is not None and not self._cache_logged and len(cache):
             self._cache_logged = True  # the first epoch filled it: later epochs only hit
-            log.info("Encoder cache: %d utterances, %.1f MiB of CPU memory (per rank)", len(cache), cache.nbytes / 2**20)
+            mib = cache.nbytes / 2**20
+            log.info("Encoder cache: %d utterances, %.1f MiB of CPU memory (per rank)", len(cache), mib)
 
     def on_fit_start(self) -> None:
         if self.logger:
