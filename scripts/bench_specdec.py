@@ -160,12 +160,19 @@ def load_models(args):
     return target, draft, featurizer
 
 
-def manifest_utterances(path: str, featurizer, limit: int):
+def manifest_utterances(path: str, featurizer, limit: int, noise_snr_db: float | None = None):
+    """(id, feats (T, F), reference) of the first ``limit`` utterances; with ``noise_snr_db``
+    every one gets white or pink noise at that SNR (the training augmentation's code, seeded)."""
+    from efin.data.augment import WaveAugment
     from efin.data.dataset import SpeechDataset
     from efin.data.manifest import load_manifest
 
     utts = load_manifest(path)[:limit]
-    dataset = SpeechDataset(utts, featurizer)
+    noise = None
+    if noise_snr_db is not None:
+        torch.manual_seed(0)  # the noise draws come from the global generator
+        noise = WaveAugment(speed_factors=None, noise_snr_db=(noise_snr_db, noise_snr_db), noise_prob=1.0)
+    dataset = SpeechDataset(utts, featurizer, wave_augment=noise)
     for i in range(len(dataset)):
         item = dataset[i]
         yield item["id"], item["feats"], item["text"]
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draft", help="draft artifact (a draft llm stage run); omit for CTC rows only")
     parser.add_argument("--manifests", nargs="*", default=[], help="test sets (JSONL manifests)")
     parser.add_argument("--limit", type=int, default=200, help="utterances per test set")
+    parser.add_argument("--noisy", nargs="*", default=[], help="manifests to decode again with added noise")
+    parser.add_argument("--noise-snr-db", type=float, default=10.0, help="SNR of the --noisy copies (dB)")
     parser.add_argument("--cache-dir", default=None, help="where the LLM's pretrained weights are cached")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 6, 8], help="fixed draft lengths of plain SD")
     parser.add_argument("--max-draft", type=int, default=8, help="draft cap of the adaptive rows")
@@ -238,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
                 parser.error("--target and --manifests are required (or --tiny)")
             target, draft, featurizer = load_models(args)
             sets = {Path(m).stem: manifest_utterances(m, featurizer, args.limit) for m in args.manifests}
+            for m in args.noisy:
+                name = f"{Path(m).stem}_snr{args.noise_snr_db:g}"
+                sets[name] = manifest_utterances(m, featurizer, args.limit, args.noise_snr_db)
         for name, utts in sets.items():
             results["sets"][name] = run(target, draft, utts, args)
             print_table(results["sets"][name], name)
