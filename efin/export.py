@@ -111,7 +111,7 @@ def load_export(
     """Rebuild ``(recognizer, featurizer)`` from an :func:`export` directory.
 
     ``options``: decoding options of :class:`~efin.inference.SpeechLLMRecognizer`
-    (num_beams, length_penalty, max_new_tokens, rescore_nbest, rescore_weight).
+    (num_beams, length_penalty, max_new_tokens, rescore_nbest, rescore_weight, ctc_weight).
     ``speculative``: ``decode.speculative`` fields (:class:`~efin.decoding.speculative.SpeculativeConfig`);
     ``draft``: ``ctc`` (the exported CTC projector, no extra model), ``auto`` (ctc when the
     projector has a CTC head), ``none``, or the directory of a draft's own export (built with

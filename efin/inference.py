@@ -22,7 +22,8 @@ import torch
 from efin.artifacts import FIRST_PASS_KEYS, ArtifactError, load_artifact
 from efin.data.audio import LogMel
 from efin.decoding.ctc import ctc_greedy, lm_decoder
-from efin.decoding.generate import generate
+from efin.decoding.generate import detokenize, generate
+from efin.decoding.joint import joint_decode
 from efin.decoding.rescore import DEFAULT_RESCORE_WEIGHT, NBestRescorer
 from efin.decoding.speculative import SpeculativeConfig, SpeculativeDecoder, UtteranceStats
 from efin.handoff import Part, SpeechLLMHandoff, build_encoder
@@ -142,8 +143,12 @@ class SpeechLLMRecognizer:
     :class:`~efin.models.speech_llm.SpeechLLM`; None: the artifact's, tokens_per_ctc_token 0: off),
     ``speculative`` (a mapping of :class:`~efin.decoding.speculative.SpeculativeConfig` fields;
     ``draft``: None = off, ``ctc``, ``none``, ``auto``, or a draft artifact path; see
-    :func:`resolve_draft`). Speculative decoding is greedy and lossless, so it excludes beam
-    search and rescoring. After each :meth:`transcribe`, ``last_stats`` holds the per-utterance
+    :func:`resolve_draft`), ``ctc_weight`` (0: off; > 0: joint CTC/LLM beam search of
+    ``num_beams`` hypotheses, the CTC projector's prefix score weighted ``ctc_weight`` against
+    the LLM's log-probability, :mod:`efin.decoding.joint`). Speculative decoding is greedy and
+    lossless, so it excludes beam search, joint decoding and rescoring; joint decoding and
+    rescoring exclude each other (two different second opinions on the LLM). After each
+    :meth:`transcribe`, ``last_stats`` holds the per-utterance
     :class:`~efin.decoding.speculative.UtteranceStats` (empty when not speculative).
     """
 
@@ -160,13 +165,14 @@ class SpeechLLMRecognizer:
         speculative: Mapping | None = None,
         tokens_per_ctc_token: float | None = None,
         trim_loops: bool | None = None,
+        ctc_weight: float = 0.0,
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
         model = handoff.build(cache_dir)
         first_pass = {k: handoff.first_pass.get(k) for k in FIRST_PASS_KEYS}
         self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight,
                    speculative=speculative, cache_dir=cache_dir, tokens_per_ctc_token=tokens_per_ctc_token,
-                   trim_loops=trim_loops)
+                   trim_loops=trim_loops, ctc_weight=ctc_weight)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
@@ -182,7 +188,7 @@ class SpeechLLMRecognizer:
         self, model, device, num_beams=None, length_penalty=None, max_new_tokens=None, first_pass=None,
         rescore_nbest: int = 0, rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
         speculative: Mapping | None = None, cache_dir: str | None = None, draft_model=None,
-        tokens_per_ctc_token: float | None = None, trim_loops: bool | None = None,
+        tokens_per_ctc_token: float | None = None, trim_loops: bool | None = None, ctc_weight: float = 0.0,
     ) -> None:
         self.model = model.to(device).eval()
         if tokens_per_ctc_token is not None:  # 0 turns the CTC bound off
@@ -191,6 +197,7 @@ class SpeechLLMRecognizer:
             model.trim_loops = trim_loops
         self.device = device
         self.options = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
+        self.ctc_weight = self._check_ctc_weight(ctc_weight, rescore_nbest)
         self.rescorer = None
         if rescore_nbest:
             self.rescorer = NBestRescorer(
@@ -202,14 +209,35 @@ class SpeechLLMRecognizer:
         if speculative is not None:
             self._init_speculative(dict(speculative), cache_dir, draft_model)
 
+    def _check_ctc_weight(self, ctc_weight: float, rescore_nbest: int) -> float:
+        """``decode.ctc_weight`` checked against the model and the other options."""
+        if not ctc_weight:
+            return 0.0
+        where = f"decode.ctc_weight={ctc_weight}"
+        if not 0 < ctc_weight <= 1:
+            raise ValueError(f"{where}: the CTC weight of joint decoding is in (0, 1] (0 = off)")
+        if not self.model.has_ctc:
+            raise ValueError(f"{where}: joint CTC/LLM decoding scores hypotheses with the projector's CTC head, and "
+                             f"this model's projector ({type(self.model.projector).__name__}) has none (projector=ctc "
+                             "has one). Set decode.ctc_weight=0 (decode=beam for plain beam search).")
+        if rescore_nbest:
+            raise ValueError(f"{where}: joint decoding generates; it cannot be combined with n-best rescoring "
+                             "(decode.rescore_nbest). Set one of them to 0.")
+        return float(ctc_weight)
+
     def _init_speculative(self, options: dict, cache_dir: str | None, draft_model) -> None:
         """Build the speculative decoder from ``decode.speculative`` (draft already resolved)."""
         draft = options.pop("draft", None)
         if draft == "auto":  # transcribe's default: free and lossless when the target has a CTC projector
-            draft = "ctc" if self.model.has_ctc else None
+            # and decodes greedily; joint decoding asked for something else
+            draft = "ctc" if self.model.has_ctc and not self.ctc_weight else None
         if draft is None:
             return
         where = f"decode.speculative.draft={draft}"
+        if self.ctc_weight:
+            raise ValueError(f"{where}: speculative decoding is lossless against greedy decoding, not joint CTC/LLM "
+                             f"decoding (decode.ctc_weight={self.ctc_weight}). Set decode.ctc_weight=0 or "
+                             "decode.speculative.draft=null.")
         if self.rescorer is not None:
             raise ValueError(
                 f"{where}: speculative decoding generates greedily; it cannot be combined with n-best "
@@ -257,6 +285,8 @@ class SpeechLLMRecognizer:
             texts = self.speculative.generate(feats, feat_lens, self.options["max_new_tokens"])
             self.last_stats = list(self.speculative.stats)
             return texts
+        if self.ctc_weight:
+            return detokenize(self.model, joint_decode(self.model, feats, feat_lens, self.ctc_weight, **self.options))
         return generate(self.model, feats, feat_lens, **self.options)
 
 

@@ -116,7 +116,7 @@ def test_stage_adapter_switches(tmp_path):
     cfg = compose_config(["stage=projector", "llm=smollm2_draft"], tmp_path)
     assert cfg.stage.module.adapter == "frozen" and cfg.llm.adapter == "full"
     assert cfg.paths.stage_dir.endswith("projector_smollm2_draft")
-    assert cfg.init_from.endswith("encoder/artifact") and cfg.trainer.max_epochs == 5
+    assert cfg.init_from.endswith("encoder/artifact") and cfg.trainer.max_epochs == 2
     # the draft recipe continues the target's projector for one epoch
     cfg = compose_config(["experiment=smollm2_draft_projector"], tmp_path)
     assert cfg.init_from.endswith("projector_smollm2/artifact") and cfg.trainer.max_epochs == 1

@@ -1,0 +1,124 @@
+"""CTC prefix scores: how likely the audio is to begin with a token sequence, under a CTC model.
+
+The prefix probability of a label sequence g is the total probability of every CTC path whose
+collapsed labels start with g (Watanabe et al. 2017, "Hybrid CTC/attention architecture for
+end-to-end speech recognition"; ESPnet's ``CTCPrefixScore``). Per prefix it keeps, for every
+frame t, the log probabilities that the first t+1 frames collapse to exactly g and end in a
+non-blank (r^n_t) or in a blank (r^b_t). Then
+
+* ``prefix(g + c) = log sum_t phi_t-1 x_t(c)``, where phi_t = r^n_t + r^b_t, or only r^b_t when
+  c repeats the last label of g (two equal labels need a blank between them);
+* ``end(g) = log(r^n_T-1 + r^b_T-1)``: the probability of exactly g (the sequence CTC loss
+  scores), used when a hypothesis ends.
+
+Labels are CTC classes (0 = blank). Everything is float32 log space over one utterance.
+:meth:`CTCPrefixScorer.next_scores` scores every class after a set of prefixes at once (one
+vectorised log-sum-exp); only the prefixes a search keeps pay for the frame-by-frame recursion
+(:meth:`CTCPrefixScorer.extend`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class CTCPrefixState:
+    """H prefixes of one utterance.
+
+    r: (H, N, 2) float32 log r^n_t (index 0) and r^b_t (index 1) per frame.
+    score: (H,) float32 log prefix probability of each prefix (0 for the empty one).
+    last: (H,) long, last label of each prefix (-1 for the empty one).
+    length: (H,) long, labels in each prefix.
+    """
+
+    r: torch.Tensor
+    score: torch.Tensor
+    last: torch.Tensor
+    length: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> CTCPrefixState:
+        """The prefixes ``rows`` (H',) in that order (repeats allowed)."""
+        return CTCPrefixState(self.r[rows], self.score[rows], self.last[rows], self.length[rows])
+
+
+class CTCPrefixScorer:
+    """Prefix scores of label sequences under one utterance's CTC posteriors.
+
+    Args:
+        log_probs: (N, C) log-probabilities per frame, class 0 = blank (valid frames only).
+            With N = 0 there is no audio: only the empty sequence has probability 1.
+    """
+
+    def __init__(self, log_probs: torch.Tensor):
+        log_probs = log_probs.float()
+        if log_probs.shape[0] == 0:  # one certain blank frame: the empty sequence only
+            log_probs = torch.full((1, log_probs.shape[1]), NEG_INF, device=log_probs.device)
+            log_probs[0, 0] = 0.0
+        self.log_probs = log_probs
+
+    @property
+    def num_frames(self) -> int:
+        return self.log_probs.shape[0]
+
+    def initial_state(self) -> CTCPrefixState:
+        """The empty prefix: r^n = 0 everywhere, r^b_t = blanks up to t."""
+        x = self.log_probs
+        r = torch.full((1, x.shape[0], 2), NEG_INF, device=x.device)
+        r[0, :, 1] = torch.cumsum(x[:, 0], dim=0)
+        zero = torch.zeros(1, dtype=torch.long, device=x.device)
+        return CTCPrefixState(r, torch.zeros(1, device=x.device), zero - 1, zero)
+
+    def _phi(self, state: CTCPrefixState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, N) log(r^n + r^b) and (H, N) log r^b: phi for a new label, and for a repeat."""
+        return torch.logaddexp(state.r[..., 0], state.r[..., 1]), state.r[..., 1]
+
+    def next_scores(self, state: CTCPrefixState) -> torch.Tensor:
+        """(H, C) log prefix probability of each prefix followed by each class (column 0, the
+        blank, is -inf). Memory is H x N x C floats."""
+        x = self.log_probs
+        phi, phi_repeat = self._phi(state)
+        # c first emitted at frame t >= 1 (after the prefix, up to t - 1): phi_t-1 + x_t(c)
+        terms = phi[:, :-1, None] + x[None, 1:, :]  # (H, N-1, C)
+        repeat = state.last >= 0
+        if repeat.any():
+            rows = repeat.nonzero()[:, 0]
+            last = state.last[rows]
+            terms[rows, :, last] = phi_repeat[rows, :-1] + x[1:, last].T
+        scores = torch.logsumexp(terms, dim=1) if x.shape[0] > 1 else terms.new_full((len(phi), x.shape[1]), NEG_INF)
+        # frame 0 can start the first label only
+        first = torch.where(state.length[:, None] == 0, x[None, 0, :], torch.full_like(scores, NEG_INF))
+        scores = torch.logaddexp(scores, first)
+        scores[:, 0] = NEG_INF
+        return scores
+
+    def extend(self, state: CTCPrefixState, labels: torch.Tensor, scores: torch.Tensor | None = None) -> CTCPrefixState:
+        """The prefixes ``state`` (H) each followed by one label ``labels`` (H,) (classes >= 1).
+
+        ``scores`` (H,): their prefix scores when known (from :meth:`next_scores`); else
+        computed here. Cost: a loop over the N frames, vectorised over H.
+        """
+        x = self.log_probs
+        phi, phi_repeat = self._phi(state)
+        phi = torch.where((labels == state.last)[:, None], phi_repeat, phi)  # (H, N)
+        xc = x[:, labels].T  # (H, N)
+        blank = x[:, 0]
+        h, n = xc.shape
+        r_n = torch.full((h, n), NEG_INF, device=x.device)
+        r_b = torch.full((h, n), NEG_INF, device=x.device)
+        r_n[:, 0] = torch.where(state.length == 0, xc[:, 0], torch.full_like(xc[:, 0], NEG_INF))
+        for t in range(1, n):
+            r_n[:, t] = torch.logaddexp(r_n[:, t - 1], phi[:, t - 1]) + xc[:, t]
+            r_b[:, t] = torch.logaddexp(r_n[:, t - 1], r_b[:, t - 1]) + blank[t]
+        if scores is None:
+            scores = torch.logaddexp(r_n[:, 0], torch.logsumexp(phi[:, :-1] + xc[:, 1:], dim=1)) if n > 1 else r_n[:, 0]
+        return CTCPrefixState(torch.stack([r_n, r_b], dim=-1), scores, labels.clone(), state.length + 1)
+
+    @staticmethod
+    def end_scores(state: CTCPrefixState) -> torch.Tensor:
+        """(H,) log probability that the audio is exactly each prefix (no more labels)."""
+        return torch.logaddexp(state.r[:, -1, 0], state.r[:, -1, 1])

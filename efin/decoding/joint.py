@@ -1,0 +1,228 @@
+"""Joint CTC/LLM decoding: beam search with the LLM as the decoder and the CTC projector's
+prefix scores as a second opinion (hybrid CTC/attention decoding, Watanabe et al. 2017; ESPnet
+and WeNet's attention + CTC prefix beam search, with the LLM as the attention decoder).
+
+Every hypothesis is scored by ``(1 - ctc_weight) x LLM log-probability + ctc_weight x CTC
+prefix log-probability`` (:mod:`efin.decoding.ctc_prefix`); a hypothesis that ends (stop token)
+takes the CTC probability of exactly its tokens instead of the prefix one. The LLM alone may
+swap in words it prefers or loop until the length limit; the CTC term holds every step to what
+the audio says token by token, and cuts off transcripts longer than the audio can carry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from efin.decoding.ctc_prefix import CTCPrefixScorer
+from efin.decoding.llm_search import Hypothesis, extend, prefill
+from efin.models.protocols import TokenCTC
+from efin.models.speech_llm import SpeechLLM
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class JointHypothesis(Hypothesis):
+    """A :class:`Hypothesis` of joint decoding: ``log_prob`` is still the LLM's alone.
+
+    ctc_log_prob: CTC log-probability of exactly ``tokens`` (the sequence CTC score; also for a
+        hypothesis cut at the length limit, whose tokens are final too).
+    ctc_weight: the weight the score mixes them with.
+    """
+
+    ctc_log_prob: float = 0.0
+    ctc_weight: float = 0.0
+
+    @property
+    def joint_log_prob(self) -> float:
+        """``(1 - ctc_weight) x log_prob + ctc_weight x ctc_log_prob``."""
+        return _mix(self.log_prob, self.ctc_log_prob, self.ctc_weight)
+
+    def score(self, length_penalty: float = 1.0) -> float:
+        """``joint_log_prob / length ** length_penalty``: beam search's ranking, on the joint score."""
+        return self.joint_log_prob / max(self.length, 1) ** length_penalty
+
+
+def _mix(llm, ctc, weight: float):
+    """``(1 - weight) x llm + weight x ctc``, where a weight of 0 or 1 drops a term entirely
+    (``0 x -inf`` would be NaN: a draft's head gives -inf off its subset)."""
+    if weight == 0:
+        return llm
+    if weight == 1:
+        return ctc
+    return (1 - weight) * llm + weight * ctc
+
+
+@torch.no_grad()
+def joint_beam_search(
+    llm: nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    ctc_log_probs: torch.Tensor,
+    vocab_ids: torch.Tensor,
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    num_beams: int = 4,
+    ctc_weight: float = 0.3,
+    length_penalty: float = 1.0,
+) -> JointHypothesis:
+    """Joint CTC/LLM beam search over one utterance; returns its best :class:`JointHypothesis`.
+
+    Args:
+        inputs_embeds: (1, L, H) the prompt; attention_mask (1, L); position_ids (1, L).
+        ctc_log_probs: (N, 1 + S) float log-probabilities of the utterance's N valid CTC frames,
+            class 0 = blank, class i = full-vocabulary token ``vocab_ids[i - 1]``.
+        vocab_ids: (S,) long.
+        stop_ids: ids that end a hypothesis (not included in its tokens).
+        max_new_tokens: limit on generated tokens, stop token included.
+        ctc_weight: 0..1. Every token of the CTC vocabulary is scored exactly (the CTC prefix
+            probability of all of them is one log-sum-exp per hypothesis, so there is no
+            pre-beam). With ``ctc_weight > 0`` tokens outside the CTC vocabulary (other than the
+            stop tokens) have CTC probability 0 and are never emitted; with 0 the CTC is not
+            consulted and the result is :func:`~efin.decoding.llm_search.beam_search`'s.
+
+    The search is beam search's (same candidate rule, finishing and stopping heuristic, length
+    limit), ranked by :meth:`JointHypothesis.score` instead of the LLM's log-probability.
+    """
+    k = num_beams
+    if k < 1:
+        raise ValueError(f"num_beams must be >= 1, got {k}")
+    if not 0 <= ctc_weight <= 1:
+        raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+    if max_new_tokens <= 0:
+        return JointHypothesis([], 0.0, ctc_weight=ctc_weight)
+    stops = list(dict.fromkeys(stop_ids))
+    use_ctc = ctc_weight > 0
+
+    logits, state = prefill(llm, inputs_embeds, attention_mask, position_ids)
+    device = logits.device
+    stop_set = torch.tensor(stops, dtype=torch.long, device=device)
+    if use_ctc:
+        # Candidates: the CTC vocabulary (stop ids removed), then the stop ids.
+        vocab_ids = vocab_ids.to(device)
+        classes = torch.arange(1, vocab_ids.numel() + 1, device=device)
+        token_part = ~torch.isin(vocab_ids, stop_set)
+        cand_ids = torch.cat([vocab_ids[token_part], stop_set])
+        cand_class = torch.cat([classes[token_part], torch.zeros_like(stop_set)])
+        scorer = CTCPrefixScorer(ctc_log_probs.to(device))
+        ctc = scorer.initial_state().select(torch.zeros(k, dtype=torch.long, device=device))
+    else:
+        cand_ids = torch.arange(logits.shape[-1], device=device)  # every token, stop ids where they are
+    is_stop = torch.isin(cand_ids, stop_set)
+    width = cand_ids.numel()
+
+    state.repeat_interleave(k)
+    logits = logits.expand(k, -1)
+    # Only beam 0 is live at first, so the k copies of the prompt do not yield duplicates.
+    llm_scores = torch.full((k,), NEG_INF, device=device)
+    llm_scores[0] = 0.0
+    alive = torch.zeros(k, dtype=torch.bool, device=device)
+    alive[0] = True
+    beam_tokens: list[list[int]] = [[] for _ in range(k)]
+    finished: list[JointHypothesis] = []
+
+    def keep_best(hyp: JointHypothesis) -> None:
+        finished.append(hyp)
+        finished.sort(key=lambda h: h.score(length_penalty), reverse=True)
+        del finished[k:]
+
+    cand_list, stop_list = cand_ids.tolist(), is_stop.tolist()
+    step = 0
+    while True:
+        step += 1
+        llm_cand = llm_scores[:, None] + torch.log_softmax(logits, dim=-1)[:, cand_ids]  # (k, width)
+        if use_ctc:
+            prefix = scorer.next_scores(ctc)  # (k, 1 + S)
+            ctc_cand = torch.where(is_stop[None, :], scorer.end_scores(ctc)[:, None], prefix[:, cand_class])
+            joint = _mix(llm_cand, ctc_cand, ctc_weight).masked_fill(~alive[:, None], NEG_INF)
+        else:
+            joint = llm_cand
+        top_scores, top_idx = joint.reshape(-1).topk(min(2 * k, k * width))
+        chosen: list[tuple[int, int, float]] = []  # (beam, candidate column, joint score), best first
+        for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+            if score == NEG_INF:
+                break
+            beam, col = divmod(idx, width)
+            if stop_list[col]:
+                if rank < k:
+                    ctc_end = float(ctc_cand[beam, col]) if use_ctc else 0.0
+                    keep_best(JointHypothesis(list(beam_tokens[beam]), float(llm_cand[beam, col]), cand_list[col],
+                                              ctc_end, ctc_weight))
+            else:
+                chosen.append((beam, col, score))
+            if len(chosen) == k:
+                break
+        if not chosen:
+            break
+        rows = torch.tensor([b for b, _, _ in chosen], device=device)
+        cols = torch.tensor([c for _, c, _ in chosen], device=device)
+        llm_scores = llm_cand[rows, cols]
+        beam_tokens = [beam_tokens[b] + [cand_list[c]] for b, c, _ in chosen]
+        if use_ctc:  # the frame recursion, for the kept prefixes only
+            ctc = scorer.extend(ctc.select(rows), cand_class[cols], prefix[rows, cand_class[cols]])
+        if step >= max_new_tokens:
+            # Length limit: the running beams end here as they are, scored as final transcripts.
+            ends = scorer.end_scores(ctc).tolist() if use_ctc else [0.0] * len(chosen)
+            for tokens, llm_score, ctc_end in zip(beam_tokens, llm_scores.tolist(), ends):
+                keep_best(JointHypothesis(tokens, llm_score, None, ctc_end, ctc_weight))
+            break
+        if len(finished) >= k and chosen[0][2] / step**length_penalty <= finished[-1].score(length_penalty):
+            break  # beam search's heuristic: the best running beam cannot beat the worst finished one
+        # Fewer than k beams left: pad with inert copies of beam 0 so the cache keeps k rows.
+        pad = k - len(chosen)
+        alive = torch.arange(k, device=device) < len(chosen)
+        keep = torch.cat([torch.arange(len(chosen), device=device), torch.zeros(pad, dtype=torch.long, device=device)])
+        llm_scores = llm_scores[keep].masked_fill(~alive, NEG_INF)
+        beam_tokens = [beam_tokens[i] for i in keep.tolist()]
+        if use_ctc:
+            ctc = ctc.select(keep)
+        state.select(rows[keep])
+        logits = extend(llm, state, cand_ids[cols[keep]][:, None], logits_to_keep=1)[:, -1]
+
+    return finished[0] if finished else JointHypothesis([], NEG_INF, ctc_log_prob=NEG_INF, ctc_weight=ctc_weight)
+
+
+@torch.no_grad()
+def joint_decode(
+    model: SpeechLLM,
+    feats: torch.Tensor,
+    feat_lens: torch.Tensor,
+    ctc_weight: float = 0.3,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    max_new_tokens: int | None = None,
+) -> list[JointHypothesis]:
+    """Joint CTC/LLM decoding of a batch with a SpeechLLM whose projector has a CTC head.
+
+    feats (B, T, F), feat_lens (B,) -> one :class:`JointHypothesis` per utterance. The encoder
+    and projector run once for the batch; the search runs one utterance at a time (its prompt
+    without the batch's left padding). None options take the model's defaults, as
+    :func:`efin.decoding.generate.decode`.
+    """
+    if not isinstance(model.projector, TokenCTC):
+        raise TypeError(f"joint CTC/LLM decoding needs a CTC projector; {type(model.projector).__name__} has no CTC "
+                        "head (projector=ctc has one)")
+    num_beams = model.num_beams if num_beams is None else num_beams
+    length_penalty = model.length_penalty if length_penalty is None else length_penalty
+    limits = model.max_new_tokens_for(feat_lens).tolist() if max_new_tokens is None else [max_new_tokens] * len(feats)
+    hidden, lens = model.encoder(feats, feat_lens)
+    logits, logit_lens = model.projector.token_logits(hidden, lens)
+    speech, speech_lens = model.projector.embed(logits, logit_lens)  # what model.embed_speech gives
+    speech = speech.to(model.llm.get_input_embeddings().weight.dtype)
+    inputs = model.prompt.generation_inputs(model.llm.get_input_embeddings(), speech, speech_lens)
+    log_probs = logits.float().log_softmax(-1)
+    hyps = []
+    for b in range(len(feats)):
+        start = int((inputs.attention_mask[b] == 0).sum())  # left padding
+        hyps.append(joint_beam_search(
+            model.llm, inputs.inputs_embeds[b : b + 1, start:], inputs.attention_mask[b : b + 1, start:],
+            inputs.position_ids[b : b + 1, start:], log_probs[b, : int(logit_lens[b])], model.projector.vocab_ids,
+            model.prompt.stop_ids, int(limits[b]), num_beams=num_beams, ctc_weight=ctc_weight,
+            length_penalty=length_penalty,
+        ))
+    return hyps

@@ -1,0 +1,225 @@
+"""Joint CTC/LLM decoding: the CTC prefix scorer against brute force, the joint beam search
+against beam search and against the CTC alone, and its wiring as a decode option."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from efin.decoding.ctc_prefix import CTCPrefixScorer
+from efin.decoding.generate import decode, detokenize
+from efin.decoding.joint import joint_beam_search, joint_decode
+from efin.models.llm import build_tiny_llm
+from efin.models.projector import StackingMLPProjector, TokenCTCProjector
+from efin.models.speech_llm import SpeechLLM
+from tests.conftest import LinearEncoder, compose_config
+
+MAX_NEW = 16
+LETTERS = "abcdefgh"
+
+
+# ---- the prefix scorer ----------------------------------------------------------------------
+
+
+def _collapse(path) -> tuple[int, ...]:
+    out, prev = [], None
+    for c in path:
+        if c != prev and c != 0:
+            out.append(c)
+        prev = c
+    return tuple(out)
+
+
+def _brute_force_prefix_probs(log_probs: torch.Tensor) -> dict[tuple[int, ...], float]:
+    """log P(the collapsed labels start with g) for every g, by summing over all C^N paths."""
+    n, c = log_probs.shape
+    probs: dict[tuple[int, ...], float] = {}
+    for path in itertools.product(range(c), repeat=n):
+        p = math.exp(sum(log_probs[t, k].item() for t, k in enumerate(path)))
+        labels = _collapse(path)
+        for length in range(len(labels) + 1):
+            probs[labels[:length]] = probs.get(labels[:length], 0.0) + p
+    return {g: math.log(p) for g, p in probs.items()}
+
+
+def _state_of(scorer: CTCPrefixScorer, labels: tuple[int, ...]):
+    state = scorer.initial_state()
+    for c in labels:
+        state = scorer.extend(state, torch.tensor([c]))
+    return state
+
+
+@pytest.mark.parametrize("n, c", [(5, 3), (4, 4), (1, 3)])
+def test_prefix_scores_match_brute_force(n, c):
+    log_probs = torch.randn(n, c, generator=torch.Generator().manual_seed(n * 10 + c)).log_softmax(-1)
+    brute = _brute_force_prefix_probs(log_probs)
+    scorer = CTCPrefixScorer(log_probs)
+    assert any(len(set(g)) < len(g) for g in brute) or n < 2  # repeated labels are covered
+    for g, want in brute.items():
+        state = _state_of(scorer, g)
+        assert state.score.item() == pytest.approx(want, abs=1e-5), g
+        # every one-label extension at once, as the search uses them
+        nxt = scorer.next_scores(state)[0]
+        assert nxt[0] == float("-inf")  # the blank is no label
+        for k in range(1, c):
+            expected = brute.get(g + (k,), float("-inf"))
+            assert nxt[k].item() == pytest.approx(expected, abs=1e-5) if expected > -math.inf else nxt[k] < -30
+        # the end score is the probability of exactly g: what CTC loss scores
+        if g:
+            loss = F.ctc_loss(log_probs[:, None], torch.tensor([g]), torch.tensor([n]), torch.tensor([len(g)]),
+                              reduction="none")
+            exact = -loss.item()
+        else:
+            exact = log_probs[:, 0].sum().item()
+        assert scorer.end_scores(state).item() == pytest.approx(exact, abs=1e-5), g
+
+
+def test_no_frames_allow_only_the_empty_sequence():
+    scorer = CTCPrefixScorer(torch.zeros(0, 4))
+    state = scorer.initial_state()
+    assert scorer.end_scores(state).item() == 0.0
+    assert (scorer.next_scores(state) == float("-inf")).all()
+
+
+# ---- the joint search -----------------------------------------------------------------------
+
+
+def _ctc_model(seed: int = 1) -> SpeechLLM:
+    torch.manual_seed(seed)
+    llm, tok = build_tiny_llm(seed=seed)
+    proj = TokenCTCProjector(16, 64, vocab_size=len(LETTERS), stack=1, hidden_dim=32, kernel_size=3)
+    ids = torch.tensor(sorted(tok.convert_tokens_to_ids(list(LETTERS))))
+    proj.set_vocabulary(ids, llm.get_input_embeddings().weight)
+    return SpeechLLM(LinearEncoder(), proj, llm, tok, instruction="Transcribe.").eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _ctc_model()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    lens = torch.tensor([64, 23, 41, 8])
+    feats = torch.randn(4, 64, 8, generator=g)
+    feats[torch.arange(64)[None, :] >= lens[:, None]] = 7.0  # padding must not matter
+    return feats, lens
+
+
+@pytest.mark.parametrize("num_beams, length_penalty", [(3, 1.0), (2, 0.0)])
+def test_ctc_weight_zero_is_beam_search(model, batch, num_beams, length_penalty):
+    feats, lens = batch
+    opts = dict(num_beams=num_beams, length_penalty=length_penalty, max_new_tokens=MAX_NEW)
+    joint = joint_decode(model, feats, lens, ctc_weight=0.0, **opts)
+    beam = decode(model, feats, lens, **opts)
+    assert [h.tokens for h in joint] == [h.tokens for h in beam]
+    assert [h.stop_token for h in joint] == [h.stop_token for h in beam]
+    assert [h.log_prob for h in joint] == pytest.approx([h.log_prob for h in beam], abs=1e-5)
+    # the case is not trivial: some stop on the end token, others run to the limit, and tokens
+    # outside the CTC vocabulary are produced when the CTC has no say
+    assert {h.stop_token is None for h in beam} == {True, False}
+    assert any(t not in model.projector.vocab_ids.tolist() for h in beam for t in h.tokens)
+
+
+def _prompt(model, length: int = 6):
+    """A random (1, L, H) prompt for the search alone."""
+    embeds = torch.randn(1, length, 64, generator=torch.Generator().manual_seed(3))
+    return embeds, torch.ones(1, length, dtype=torch.long), torch.arange(length)[None]
+
+
+def _peaked(classes: list[int], num_classes: int, sharpness: float = 30.0) -> torch.Tensor:
+    """(N, C) log-probs whose best path is ``classes`` (0 = blank) almost surely."""
+    return (sharpness * F.one_hot(torch.tensor(classes), num_classes).float()).log_softmax(-1)
+
+
+@pytest.mark.parametrize("ctc_weight", [1.0, 0.9])
+def test_peaked_ctc_posterior_decides_the_transcript(model, ctc_weight):
+    # path: a a _ b _ b c _ -> a b b c (a repeated label needs its blank)
+    path = [1, 1, 0, 2, 0, 2, 3, 0]
+    log_probs = _peaked(path, 1 + len(LETTERS))
+    vocab = model.projector.vocab_ids
+    expected = [int(vocab[c - 1]) for c in _collapse(path)]
+    hyp = joint_beam_search(model.llm, *_prompt(model), log_probs, vocab, model.prompt.stop_ids, MAX_NEW,
+                            num_beams=3, ctc_weight=ctc_weight)
+    assert hyp.tokens == expected
+    assert hyp.stop_token in model.prompt.stop_ids  # ended by its stop token, well before the limit
+    assert hyp.ctc_log_prob == pytest.approx(0.0, abs=1e-3)
+    # the random LLM alone says something else
+    alone = joint_beam_search(model.llm, *_prompt(model), log_probs, vocab, model.prompt.stop_ids, MAX_NEW,
+                              num_beams=3, ctc_weight=0.0)
+    assert alone.tokens != expected
+
+
+def test_an_empty_ctc_transcript_stops_at_once(model):
+    log_probs = _peaked([0, 0, 0], 1 + len(LETTERS))
+    hyp = joint_beam_search(model.llm, *_prompt(model), log_probs, model.projector.vocab_ids,
+                            model.prompt.stop_ids, MAX_NEW, num_beams=2, ctc_weight=0.5)
+    assert hyp.tokens == [] and hyp.stop_token in model.prompt.stop_ids
+
+
+def test_joint_decoding_emits_only_ctc_vocabulary(model, batch):
+    feats, lens = batch
+    hyps = joint_decode(model, feats, lens, ctc_weight=0.3, num_beams=2, max_new_tokens=MAX_NEW)
+    vocab = set(model.projector.vocab_ids.tolist())
+    assert all(set(h.tokens) <= vocab for h in hyps)
+    # batched equals one at a time (each utterance is searched on its own prompt)
+    for b, h in enumerate(hyps):
+        alone = joint_decode(model, feats[b : b + 1, : lens[b]], lens[b : b + 1], ctc_weight=0.3, num_beams=2,
+                             max_new_tokens=MAX_NEW)[0]
+        assert alone.tokens == h.tokens and alone.stop_token == h.stop_token
+
+
+# ---- wiring ---------------------------------------------------------------------------------
+
+
+def test_recognizer_option_decodes_jointly(model, batch):
+    from efin.inference import SpeechLLMRecognizer
+
+    feats, lens = batch
+    rec = SpeechLLMRecognizer.from_model(model, ctc_weight=0.3, num_beams=2, max_new_tokens=MAX_NEW,
+                                         speculative={"draft": "auto"})  # transcribe's default: off here
+    assert rec.speculative is None
+    assert SpeechLLMRecognizer.from_model(model, speculative={"draft": "auto"}).speculative is not None  # unchanged
+    expected = detokenize(model, joint_decode(model, feats, lens, ctc_weight=0.3, num_beams=2, max_new_tokens=MAX_NEW))
+    assert rec.transcribe(feats, lens) == expected
+
+
+def test_joint_decoding_refuses_what_it_cannot_do(model):
+    from efin.inference import SpeechLLMRecognizer
+
+    llm, tok = build_tiny_llm()
+    plain = SpeechLLM(LinearEncoder(), StackingMLPProjector(16, 64, stack=2, hidden_dim=32), llm, tok).eval()
+    with pytest.raises(ValueError, match=r"ctc_weight=0.3: .*StackingMLPProjector\) has none"):
+        SpeechLLMRecognizer.from_model(plain, ctc_weight=0.3)
+    with pytest.raises(ValueError, match="cannot be combined with n-best rescoring"):
+        SpeechLLMRecognizer.from_model(model, ctc_weight=0.3, rescore_nbest=4)
+    with pytest.raises(ValueError, match="not joint CTC/LLM decoding"):
+        SpeechLLMRecognizer.from_model(model, ctc_weight=0.3, speculative={"draft": "ctc"})
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        SpeechLLMRecognizer.from_model(model, ctc_weight=1.5)
+    with pytest.raises(TypeError, match="needs a CTC projector"):
+        joint_decode(plain, torch.zeros(1, 8, 8), torch.tensor([8]))
+
+
+def test_joint_options_are_refused_for_an_encoder_artifact(tmp_path):
+    from efin.artifacts import save_artifact
+    from efin.inference import load_recognizer
+
+    path = save_artifact(tmp_path / "artifact", "encoder", {"encoder": {}, "ctc_head": {}, "features": {}})
+    with pytest.raises(ValueError, match=r"\['ctc_weight'\] do not apply to an encoder artifact"):
+        load_recognizer(path, ctc_weight=0.3)
+
+
+@pytest.mark.parametrize("config_name, inputs", [("evaluate", "manifest=m.jsonl"), ("transcribe", "audio=a.wav")])
+def test_decode_joint_composes(tmp_path, config_name, inputs):
+    from efin.evaluate import decode_options
+
+    cfg = compose_config(["artifact=a", inputs, "decode=joint"], tmp_path, config_name=config_name)
+    assert cfg.decode.ctc_weight == 0.3 and cfg.decode.num_beams == 4
+    options = decode_options(cfg.decode, tmp_path, "default")
+    assert options["ctc_weight"] == 0.3
