@@ -209,10 +209,11 @@ def joint_decode(
                         "head (projector=ctc has one)")
     num_beams = model.num_beams if num_beams is None else num_beams
     length_penalty = model.length_penalty if length_penalty is None else length_penalty
-    limits = model.max_new_tokens_for(feat_lens).tolist() if max_new_tokens is None else [max_new_tokens] * len(feats)
     hidden, lens = model.encoder(feats, feat_lens)
     logits, logit_lens = model.projector.token_logits(hidden, lens)
     speech, speech_lens = model.projector.embed(logits, logit_lens)  # what model.embed_speech gives
+    limits = (model.max_new_tokens_for(feat_lens, speech_lens).tolist() if max_new_tokens is None
+              else [max_new_tokens] * len(feats))
     speech = speech.to(model.llm.get_input_embeddings().weight.dtype)
     inputs = model.prompt.generation_inputs(model.llm.get_input_embeddings(), speech, speech_lens)
     log_probs = logits.float().log_softmax(-1)
