@@ -41,11 +41,13 @@ log = logging.getLogger("efin.evaluate")
 
 
 def manifest_loader(
-    manifest, featurizer, batch_seconds: float, num_buckets: int = 10, num_workers: int = 0, on_invalid: str = "error"
+    manifest, featurizer, batch_seconds: float, num_buckets: int = 10, num_workers: int = 0, on_invalid: str = "error",
+    limit: int | None = None,
 ) -> DataLoader:
     """Batches of a JSONL manifest in a fixed order, utterances of similar length together
-    (``batch_seconds`` of audio per batch), as :func:`efin.data.dataset.collate` makes them."""
-    utterances = load_manifest(manifest, on_invalid=on_invalid)
+    (``batch_seconds`` of audio per batch), as :func:`efin.data.dataset.collate` makes them;
+    ``limit``: only the manifest's first ``limit`` utterances (None = all)."""
+    utterances = load_manifest(manifest, on_invalid=on_invalid)[:limit]
     sampler = DurationBucketSampler(
         [u.duration for u in utterances], max_seconds=batch_seconds, num_buckets=num_buckets,
         shuffle=False, num_replicas=1, rank=0,
@@ -96,7 +98,7 @@ def evaluate(cfg: DictConfig) -> dict:
     recognizer, featurizer = load_recognizer(cfg.artifact, device=cfg.device, **options)
     speculative = getattr(recognizer, "speculative", None) is not None
     loader = manifest_loader(
-        cfg.manifest, featurizer, cfg.batch_seconds, cfg.num_buckets, cfg.num_workers, cfg.on_invalid
+        cfg.manifest, featurizer, cfg.batch_seconds, cfg.num_buckets, cfg.num_workers, cfg.on_invalid, cfg.limit
     )
     records, stats, audio_seconds, start = [], [], 0.0, time.perf_counter()
     for batch in loader:

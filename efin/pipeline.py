@@ -1,8 +1,9 @@
 """Run the whole EFIN chain for the target LLM and its draft, then score every artifact on test.
 
+    python -m efin.pipeline budget=quickstart      # the whole chain sized to ~15 min on 2 CPU cores (a first look)
     python -m efin.pipeline                        # (= scripts/run_pipeline.py) defaults: encoder once, then
-                                                   # projector + llm for smollm2 and smollm2_draft (~87 min on
-                                                   # 2 CPU cores, see README)
+                                                   # projector + llm for smollm2 and smollm2_draft (see README
+                                                   # Results for its time)
     python -m efin.pipeline name=exp1 trainer=gpu  # extra Hydra overrides go to every stage
     python -m efin.pipeline --llms tiny,tiny_draft name=smoke data=tiny encoder=tiny projector=tiny
                                                    # a smoke test of the chain in about a minute
@@ -10,9 +11,11 @@
 
 Each step is an ordinary ``python -m efin.train stage=...`` run (its own process, run dir and
 artifact under outputs/<name>/), so a failed step can be re-run alone with the printed command;
-``--skip-encoder`` reuses an existing encoder artifact. Afterwards ``python -m efin.evaluate``
-decodes the test manifest with each artifact (encoder with its word LM and greedy,
-projector_<llm>, llm_<llm> generating and rescoring the encoder's n-best) into
+``--skip-encoder`` reuses an existing encoder artifact. A draft LLM's stages use its recipes
+when they exist (conf/experiment/<llm>_projector.yaml, <llm>_distill.yaml: trained to agree with
+the target). Afterwards ``python -m efin.evaluate`` decodes every test set with each artifact
+(encoder with its word LM and greedy, projector_<llm>, llm_<llm>; the target's llm also with
+joint CTC/LLM decoding and rescoring the encoder's n-best) into
 outputs/<name>/eval/<run>/ and the WER/CER table is printed and written to
 outputs/<name>/pipeline_results.json.
 """
@@ -27,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from efin.data.datamodule import named_test_sets
 
@@ -50,11 +55,13 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
     """Ordered steps: {run, train (argv) or None, artifact, evals: {test set: argv}, metrics: {test set: path}}."""
     stages = [] if skip_encoder else [["stage=encoder"]]
     for llm in llms:
-        # A recipe of its own for this LLM's stage projector (a draft continues its target's projector)
-        recipe = CONF_DIR / "experiment" / f"{llm}_projector.yaml"
-        stages.append([f"experiment={recipe.stem}"] if recipe.is_file() else ["stage=projector", f"llm={llm}"])
-        stages.append(["stage=llm", f"llm={llm}"])
+        # Recipes of its own for this LLM's stages, when there are: a draft continues its
+        # target's projector, and its stage llm learns to agree with the target (distillation).
+        for stage, recipe in (("projector", f"{llm}_projector"), ("llm", f"{llm}_distill")):
+            own = (CONF_DIR / "experiment" / f"{recipe}.yaml").is_file()
+            stages.append([f"experiment={recipe}"] if own else [f"stage={stage}", f"llm={llm}"])
     evaluated = [["stage=encoder"]] + stages[0 if skip_encoder else 1 :]
+    target_llm = f"llm_{llms[0]}" if llms else None
     python = [sys.executable, "-m"]
     steps = []
     for stage in evaluated:
@@ -65,20 +72,22 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
             o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("name",) or o.lstrip("+~").startswith("paths.")
         ]
         test_sets = named_test_sets(cfg.data.test)
-        # The CTC baseline twice: with its word LM (the artifact's default) and greedy; stage llm
-        # artifacts twice: generating, and rescoring the CTC + word LM n-best.
+        # The CTC baseline twice: with its word LM (the artifact's default) and greedy; the
+        # target's stage llm three times: generating, joint CTC/LLM decoding, and rescoring the
+        # CTC + word LM n-best.
         variants = {run: []}
         if run == "encoder":
             variants["encoder_greedy"] = ["decode=ctc_greedy"]
-        elif cfg.stage.name == "llm":
+        elif run == target_llm:
+            variants[f"{run}_joint"] = ["decode=joint"]
             variants[f"{run}_rescore"] = ["decode=rescore"]
+        limit = OmegaConf.select(cfg, "pipeline.eval_limit")  # a budget's quick look (conf/budget/)
         for label, extra in variants.items():
             steps.append(
                 {
                     "run": label,
-                    # projector/llm stages skip their own test pass: the evaluations below decode the test sets
-                    "train": python
-                    + ["efin.train", *stage, *overrides, *([] if run == "encoder" else ["test_after_fit=false"])]
+                    # the evaluations below decode the test sets: no test pass in training
+                    "train": python + ["efin.train", *stage, *overrides, "test_after_fit=false"]
                     if stage in stages and not extra
                     else None,
                     "artifact": artifact,
@@ -90,6 +99,7 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
                             f"manifest={manifest}",
                             f"split={name}",
                             f"hydra.run.dir={exp_dir}/eval/{label}",
+                            *([f"limit={limit}"] if limit else []),
                             *passthrough,
                             *extra,
                         ]
