@@ -52,6 +52,7 @@ def builder_errors(node, where: str = "") -> list[str]:
 
 COMBOS = [[f"{g}={o}"] for g, o in OPTIONS] + [
     ["stage=projector", "llm=smollm2_draft"], ["stage=llm", "llm=tiny_draft"], ["stage=llm", "projector=mlp"],
+    ["stage=projector", "budget=quickstart"], ["experiment=smollm2_draft_distill", "budget=quickstart"],
 ]
 
 
@@ -60,6 +61,12 @@ def test_every_config_composes_and_names_real_builders(overrides, tmp_path):
     cfg = compose_config(overrides, tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert builder_errors(resolved) == []
+
+
+def test_quickstart_budget_sets_each_stages_steps(tmp_path):
+    steps = {o: compose_config([o, "budget=quickstart"], tmp_path).trainer.max_steps
+             for o in ("stage=encoder", "stage=projector", "experiment=smollm2_draft_distill")}
+    assert steps == {"stage=encoder": 900, "stage=projector": 60, "experiment=smollm2_draft_distill": 60}
 
 
 def test_every_file_is_reachable():
