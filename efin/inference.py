@@ -28,6 +28,7 @@ from efin.decoding.rescore import DEFAULT_RESCORE_WEIGHT, NBestRescorer
 from efin.decoding.speculative import SpeculativeConfig, SpeculativeDecoder, UtteranceStats
 from efin.handoff import Part, SpeechLLMHandoff, build_encoder
 from efin.models.ctc import CTCModel
+from efin.models.llm_state import merge_lora
 from efin.models.speech_llm import SpeechLLM
 from efin.tokenizer import vocab_from_state
 
@@ -169,6 +170,8 @@ class SpeechLLMRecognizer:
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
         model = handoff.build(cache_dir)
+        # Decoding only: fold LoRA into the weights (one matmul per projection instead of three)
+        model.llm = merge_lora(model.llm)
         first_pass = {k: handoff.first_pass.get(k) for k in FIRST_PASS_KEYS}
         self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight,
                    speculative=speculative, cache_dir=cache_dir, tokens_per_ctc_token=tokens_per_ctc_token,
