@@ -72,6 +72,9 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
             o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("name",) or o.lstrip("+~").startswith("paths.")
         ]
         test_sets = named_test_sets(cfg.data.test)
+        only = OmegaConf.select(cfg, "pipeline.test_sets")  # a budget may score fewer test sets
+        if only:
+            test_sets = {k: v for k, v in test_sets.items() if k in only}
         # The CTC baseline twice: with its word LM (the artifact's default) and greedy; the
         # target's stage llm three times: generating, joint CTC/LLM decoding, and rescoring the
         # CTC + word LM n-best.

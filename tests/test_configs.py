@@ -66,7 +66,7 @@ def test_every_config_composes_and_names_real_builders(overrides, tmp_path):
 def test_quickstart_budget_sets_each_stages_steps(tmp_path):
     steps = {o: compose_config([o, "budget=quickstart"], tmp_path).trainer.max_steps
              for o in ("stage=encoder", "stage=projector", "experiment=smollm2_draft_distill")}
-    assert steps == {"stage=encoder": 900, "stage=projector": 60, "experiment=smollm2_draft_distill": 60}
+    assert steps == {"stage=encoder": 600, "stage=projector": 40, "experiment=smollm2_draft_distill": 40}
 
 
 def test_every_file_is_reachable():
