@@ -124,11 +124,11 @@ def test_stage_adapter_switches(tmp_path):
     assert cfg.stage.module.adapter == "frozen" and cfg.llm.adapter == "full"
     assert cfg.paths.stage_dir.endswith("projector_smollm2_draft")
     assert cfg.init_from.endswith("encoder/artifact") and cfg.trainer.max_epochs == 2
-    # the draft recipe continues the target's projector for one epoch
+    # the draft recipe continues the target's projector for half an epoch
     cfg = compose_config(["experiment=smollm2_draft_projector"], tmp_path)
     assert cfg.init_from.endswith("projector_smollm2/artifact") and cfg.trainer.max_epochs == 1
     assert cfg.stage.requires.command == "projector llm=smollm2" and cfg.llm.tag == "smollm2_draft"
-    assert cfg.trainer.limit_train_batches == 1.0 and cfg.data.max_batch_seconds == 64.0
+    assert cfg.trainer.limit_train_batches == 0.5 and cfg.data.max_batch_seconds == 64.0
     # the draft's model node is the target's, inherited (conf/llm/model/smollm2.yaml), not copied
     target = compose_config(["stage=llm"], tmp_path).llm.model
     assert cfg.llm.model.target == target
