@@ -133,7 +133,7 @@ def test_stage_adapter_switches(tmp_path):
     target = compose_config(["stage=llm"], tmp_path).llm.model
     assert cfg.llm.model.target == target
     cfg = compose_config(["stage=llm", "llm=smollm2_draft"], tmp_path)
-    assert cfg.trainer.limit_train_batches == 0.5 and cfg.data.max_batch_seconds == 16.0
+    assert cfg.trainer.limit_train_batches == 0.2 and cfg.data.max_batch_seconds == 16.0
     # stage files set trainer and data values; data=tiny's batch size wins over the stage's
     cfg = compose_config(["stage=encoder"], tmp_path)
     assert "llm" not in cfg.stage.module and cfg.trainer.max_epochs == 4 and cfg.data.max_batch_seconds == 32.0
