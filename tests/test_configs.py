@@ -136,7 +136,7 @@ def test_stage_adapter_switches(tmp_path):
     assert cfg.trainer.limit_train_batches == 0.2 and cfg.data.max_batch_seconds == 16.0
     # stage files set trainer and data values; data=tiny's batch size wins over the stage's
     cfg = compose_config(["stage=encoder"], tmp_path)
-    assert "llm" not in cfg.stage.module and cfg.trainer.max_epochs == 4 and cfg.data.max_batch_seconds == 32.0
+    assert "llm" not in cfg.stage.module and cfg.trainer.max_epochs == 2 and cfg.data.max_batch_seconds == 32.0
     assert compose_config(["stage=encoder", "data=tiny"], tmp_path).data.max_batch_seconds == 20.0
     # the optimizer node carries AdamW's betas and the warm-up cap
     assert (
