@@ -124,3 +124,13 @@ def _warn_failing_on_our_deprecated_calls(message, category=None, stacklevel=1, 
 
 
 warnings.warn = _warn_failing_on_our_deprecated_calls
+
+
+def padded_feature_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four utterances of 8-dim random features, lengths 64 / 23 / 41 / 8 frames, with garbage
+    (7.0) in the padding that decoding must ignore: feats (4, 64, 8), lens (4,)."""
+    g = torch.Generator().manual_seed(1)
+    lens = torch.tensor([64, 23, 41, 8])
+    feats = torch.randn(4, 64, 8, generator=g)
+    feats[torch.arange(64)[None, :] >= lens[:, None]] = 7.0
+    return feats, lens

@@ -16,7 +16,7 @@ from efin.decoding.joint import joint_beam_search, joint_decode
 from efin.models.llm import build_tiny_llm
 from efin.models.projector import StackingMLPProjector, TokenCTCProjector
 from efin.models.speech_llm import SpeechLLM
-from tests.conftest import LinearEncoder, compose_config
+from tests.conftest import LinearEncoder, compose_config, padded_feature_batch
 
 MAX_NEW = 16
 LETTERS = "abcdefgh"
@@ -104,11 +104,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def batch():
-    g = torch.Generator().manual_seed(1)
-    lens = torch.tensor([64, 23, 41, 8])
-    feats = torch.randn(4, 64, 8, generator=g)
-    feats[torch.arange(64)[None, :] >= lens[:, None]] = 7.0  # padding must not matter
-    return feats, lens
+    return padded_feature_batch()
 
 
 @pytest.mark.parametrize("num_beams, length_penalty", [(3, 1.0), (2, 0.0)])

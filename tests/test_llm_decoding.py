@@ -21,7 +21,7 @@ from efin.models.draft import build_draft_llm
 from efin.models.llm import build_tiny_llm
 from efin.models.projector import StackingMLPProjector
 from efin.models.speech_llm import SpeechLLM
-from tests.conftest import LinearEncoder
+from tests.conftest import LinearEncoder, padded_feature_batch
 
 MAX_NEW = 24
 
@@ -41,11 +41,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def batch():
-    g = torch.Generator().manual_seed(1)
-    lens = torch.tensor([64, 23, 41, 8])
-    feats = torch.randn(4, 64, 8, generator=g)
-    feats[torch.arange(64)[None, :] >= lens[:, None]] = 7.0  # garbage padding must not matter
-    return feats, lens
+    return padded_feature_batch()
 
 
 def _one_by_one(model, feats, lens, **kw):

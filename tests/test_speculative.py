@@ -25,7 +25,7 @@ from efin.models.draft import build_draft_llm
 from efin.models.llm import build_tiny_llm
 from efin.models.projector import StackingMLPProjector, TokenCTCProjector
 from efin.models.speech_llm import SpeechLLM
-from tests.conftest import LinearEncoder
+from tests.conftest import LinearEncoder, padded_feature_batch
 
 MAX_NEW = 24
 LETTERS = "abcdefgh"
@@ -83,11 +83,7 @@ class _Perturbed(nn.Module):
 
 @pytest.fixture(scope="module")
 def batch():
-    g = torch.Generator().manual_seed(1)
-    lens = torch.tensor([64, 23, 41, 8])
-    feats = torch.randn(4, 64, 8, generator=g)
-    feats[torch.arange(64)[None, :] >= lens[:, None]] = 7.0  # padding must not matter
-    return feats, lens
+    return padded_feature_batch()
 
 
 @pytest.fixture(scope="module")
