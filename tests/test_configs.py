@@ -64,9 +64,12 @@ def test_every_config_composes_and_names_real_builders(overrides, tmp_path):
 
 
 def test_quickstart_budget_sets_each_stages_steps(tmp_path):
-    steps = {o: compose_config([o, "budget=quickstart"], tmp_path).trainer.max_steps
-             for o in ("stage=encoder", "stage=projector", "experiment=smollm2_draft_distill")}
-    assert steps == {"stage=encoder": 600, "stage=projector": 40, "experiment=smollm2_draft_distill": 40}
+    trainers = {o: compose_config([o, "budget=quickstart"], tmp_path).trainer
+                for o in ("stage=encoder", "stage=projector", "experiment=smollm2_draft_distill")}
+    steps = {o: (t.max_steps, t.val_check_interval) for o, t in trainers.items()}
+    assert steps == {
+        "stage=encoder": (600, 600), "stage=projector": (40, 40), "experiment=smollm2_draft_distill": (40, 40)
+    }
 
 
 def test_every_file_is_reachable():
