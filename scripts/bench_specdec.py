@@ -47,6 +47,7 @@ from efin.decoding.drafters import DraftPolicy  # noqa: E402
 from efin.decoding.sequence_drafters import SequenceDrafter  # noqa: E402
 from efin.decoding.speculative import SpeculativeDecoder, make_drafter, summarize  # noqa: E402
 from efin.metrics import wer  # noqa: E402
+from efin.text import normalize  # noqa: E402
 
 
 def rows_for(args, target, draft) -> dict[str, tuple[object, DraftPolicy]]:
@@ -90,8 +91,8 @@ def run(target, draft, utterances, args) -> dict:
     texts = {name: [] for name in rows}
     wall = dict.fromkeys(rows, 0.0)
     refs = []
-    for _utt_id, feats, ref in utterances:
-        refs.append(ref)
+    for i, (_utt_id, feats, ref) in enumerate(utterances, 1):
+        refs.append(normalize(ref) if ref is not None else None)
         lens = torch.tensor([feats.shape[0]])
         feats = feats[None]
         for name, dec in decoders.items():
@@ -103,7 +104,9 @@ def run(target, draft, utterances, args) -> dict:
             wall[name] += time.perf_counter() - t0
             stats[name] += dec.stats
             tokens[name].append(hyp.tokens + ([hyp.stop_token] if hyp.stop_token is not None else []))
-            texts[name].append(target.tokenizer.decode(hyp.tokens, skip_special_tokens=True).strip())
+            texts[name].append(normalize(target.tokenizer.decode(hyp.tokens, skip_special_tokens=True)))
+        if i % 25 == 0:
+            print(f"  {i} utterances, AR {wall['ar'] / i:.2f} s/utt", file=sys.stderr, flush=True)
     n = max(len(refs), 1)
     out = {}
     base = wall["ar"] / n
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, utts in sets.items():
             results["sets"][name] = run(target, draft, utts, args)
             print_table(results["sets"][name], name)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+            Path(args.out).write_text(json.dumps(results, indent=1))  # after every set: keep what was measured
     print(f"\nwrote {args.out}")
     return results
 

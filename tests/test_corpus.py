@@ -21,7 +21,7 @@ from efin.data.synthetic.common import CorpusError
 from efin.data.synthetic.corpus import DEFAULT_TEST_VARIANTS, ensure_synthetic_corpus
 from efin.text import normalize
 
-TINY = dict(num_train=12, num_dev=3, num_test=3, num_test_voices=3, seed=1234)
+TINY = dict(num_train=12, num_dev=3, num_test=3, num_test_voices=3, seed=1234, text_source="markov", vocab_size=5000)
 SPLITS = ("train", "dev", "test", "test_voices")
 
 
@@ -221,7 +221,8 @@ def test_sentence_filter(sentence, ok):
 
 def test_cli_reports_existing_corpus(tiny, capsys):
     root, paths = tiny
-    assert main(["--root", str(root), "--num-train", "12", "--num-dev", "3", "--num-test", "3"]) == paths
+    assert main(["--root", str(root), "--num-train", "12", "--num-dev", "3", "--num-test", "3",
+                 "--text-source", "markov", "--vocab-size", "5000"]) == paths
     out = capsys.readouterr().out
     assert "distinct words" in out and "test" in out
 
@@ -250,7 +251,7 @@ def test_vocab_size_restricts_sentences_to_frequent_words():
 
 def test_natural_text_source_records_source_licence_and_oov(tiny, tmp_path):
     root = tmp_path / "natural"
-    paths = ensure_synthetic_corpus(root, **TINY, text_source="natural")
+    paths = ensure_synthetic_corpus(root, **{**TINY, "text_source": "natural"})
     utts = load_all(paths)
     texts = {s: {normalize(u.text) for u in utts[s]} for s in utts}
     assert sum(len(t) for t in texts.values()) == len(set().union(*texts.values()))  # disjoint
@@ -261,8 +262,8 @@ def test_natural_text_source_records_source_licence_and_oov(tiny, tmp_path):
     assert all(s["license"] for s in record["text"]["sources"])
     for split in ("dev", "test", "test_voices"):
         assert 0 <= record["stats"]["splits"][split]["oov_rate_vs_train"] <= 1
-    # The default source leaves the parameters as they were, so existing corpora stay valid.
+    # The Markov source leaves the parameters as they were, so corpora made before the option stay valid.
     markov = json.loads((tiny[0] / "corpus.json").read_text())
     assert "text_source" not in markov["params"] and markov["text"]["source"] == "markov"
     with pytest.raises(CorpusError, match="text_source"):
-        ensure_synthetic_corpus(tmp_path / "bad", **TINY, text_source="bible")
+        ensure_synthetic_corpus(tmp_path / "bad", **{**TINY, "text_source": "bible"})

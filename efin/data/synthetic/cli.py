@@ -23,7 +23,7 @@ from efin.data.synthetic.corpus import (
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description="Generate the built-in synthetic speech corpus.")
     parser.add_argument("--root", required=True, help="corpus directory")
-    parser.add_argument("--num-train", type=int, default=6000)
+    parser.add_argument("--num-train", type=int, default=12000)
     parser.add_argument("--num-dev", type=int, default=300)
     parser.add_argument("--num-test", type=int, default=300)
     parser.add_argument("--num-test-voices", type=int, default=300)
@@ -31,8 +31,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--sample-rate", type=int, default=16000, help="Hz of the written audio")
     parser.add_argument("--min-words", type=int, default=4)
     parser.add_argument("--max-words", type=int, default=14)
-    parser.add_argument("--vocab-size", type=int, default=5000, help="most frequent words allowed (0: any)")
-    parser.add_argument("--text-source", choices=TEXT_SOURCES, default="markov",
+    parser.add_argument("--vocab-size", type=int, default=0, help="most frequent words allowed (0: any)")
+    parser.add_argument("--text-source", choices=TEXT_SOURCES, default="natural",
                         help="markov: Markov-chain pseudo-English; natural: real English sentences")  # fmt: skip
     parser.add_argument("--accents", nargs="+", default=list(DEFAULT_ACCENTS), help="eSpeak language voices")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="eSpeak voice variants")

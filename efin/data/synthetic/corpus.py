@@ -174,7 +174,7 @@ def _as_list(values) -> list:
 
 def ensure_synthetic_corpus(
     root: str | os.PathLike,
-    num_train: int = 6000,
+    num_train: int = 12000,
     num_dev: int = 300,
     num_test: int = 300,
     num_test_voices: int = 300,
@@ -183,8 +183,8 @@ def ensure_synthetic_corpus(
     min_words: int = 4,
     max_words: int = 14,
     max_word_chars: int = 14,
-    vocab_size: int | None = 5000,
-    text_source: str = "markov",
+    vocab_size: int | None = None,
+    text_source: str = "natural",
     accents: Sequence[str] = DEFAULT_ACCENTS,
     variants: Sequence[str] = DEFAULT_VARIANTS,
     test_voices: Sequence[str] = DEFAULT_TEST_VOICES,
@@ -206,7 +206,8 @@ def ensure_synthetic_corpus(
         min_words, max_words: sentence length range in words; max_word_chars: longest word.
         vocab_size: sentences use only the text source's this-many most frequent words (None: any
             word). Rare words are mostly names and one-off spellings that hours of audio cannot
-            teach; 5,000 keeps thousands of distinct words while test words are mostly seen in train.
+            teach; with ``markov``, 5,000 keeps thousands of distinct words while test words are mostly
+            seen in train.
         text_source: "markov" (Markov-chain pseudo-English over Wikipedia text) or "natural"
             (real English sentences: BSD fortune files and WordNet examples; see
             efin.data.synthetic.natural).
