@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--manifests", nargs="*", default=[], help="test sets (JSONL manifests)")
     parser.add_argument("--limit", type=int, default=200, help="utterances per test set")
     parser.add_argument("--noisy", nargs="*", default=[], help="manifests to decode again with added noise")
+    parser.add_argument("--noisy-limit", type=int, help="utterances per noisy copy (default: --limit)")
     parser.add_argument("--noise-snr-db", type=float, default=10.0, help="SNR of the --noisy copies (dB)")
     parser.add_argument("--cache-dir", default=None, help="where the LLM's pretrained weights are cached")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 6, 8], help="fixed draft lengths of plain SD")
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             sets = {Path(m).stem: manifest_utterances(m, featurizer, args.limit) for m in args.manifests}
             for m in args.noisy:
                 name = f"{Path(m).stem}_snr{args.noise_snr_db:g}"
-                sets[name] = manifest_utterances(m, featurizer, args.limit, args.noise_snr_db)
+                sets[name] = manifest_utterances(m, featurizer, args.noisy_limit or args.limit, args.noise_snr_db)
         for name, utts in sets.items():
             results["sets"][name] = run(target, draft, utts, args)
             print_table(results["sets"][name], name)
