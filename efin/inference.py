@@ -21,7 +21,8 @@ import torch
 
 from efin.artifacts import FIRST_PASS_KEYS, ArtifactError, load_artifact
 from efin.data.audio import LogMel
-from efin.decoding.ctc import ctc_greedy, lm_decoder
+from efin.data.lm_text import lm_sentences
+from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder
 from efin.decoding.generate import detokenize, generate
 from efin.decoding.joint import joint_decode
 from efin.decoding.rescore import DEFAULT_RESCORE_WEIGHT, NBestRescorer
@@ -54,7 +55,9 @@ class CTCRecognizer:
     artifact's word LM when it has one (``lm`` true), else greedy.
 
     Options (evaluate's ``decode:``): ``lm`` (false: greedy even when an LM is stored),
-    ``beam_size``, ``lm_weight``, ``word_score`` (None: the artifact's settings).
+    ``beam_size``, ``lm_weight``, ``word_score`` (None: the artifact's settings), ``lm_sources``
+    (a word LM built for this decoding from these texts instead of the stored one, see
+    :func:`efin.data.lm_text.lm_sentences`; the stored LM's order and settings are kept).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class CTCRecognizer:
         beam_size: int | None = None,
         lm_weight: float | None = None,
         word_score: float | None = None,
+        lm_sources: list[str] | None = None,
     ):
         self.vocab = vocab_from_state(artifact["ctc_head"]["vocab"])
         self.model = CTCModel(build_encoder(Part(**artifact["encoder"])), self.vocab.size)
@@ -72,9 +76,16 @@ class CTCRecognizer:
         self.model.to(device).eval()
         self.device = device
         self.lm_decoder = None
-        if lm and artifact.get("ctc_lm") is not None:
+        ctc_lm = artifact.get("ctc_lm")
+        if lm and lm_sources:
+            # Another word LM for this decoding: same order and settings as the stored one (if any).
+            stored = ctc_lm or {"order": 3, "decode": {}}
+            ctc_lm = build_ctc_lm(lm_sentences(lm_sources), order=stored["order"], sources=list(lm_sources),
+                                  **stored["decode"])
+            log.info("word LM rebuilt from %s: %d words in its lexicon", ", ".join(lm_sources), len(ctc_lm["words"]))
+        if lm and ctc_lm is not None:
             self.lm_decoder = lm_decoder(
-                self.vocab, artifact["ctc_lm"], beam_size=beam_size, lm_weight=lm_weight, word_score=word_score
+                self.vocab, ctc_lm, beam_size=beam_size, lm_weight=lm_weight, word_score=word_score
             )
 
     @torch.inference_mode()

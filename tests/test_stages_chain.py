@@ -193,6 +193,22 @@ def test_beam_option_reaches_the_recognizer(chain):
     assert len(recognizer.transcribe(torch.randn(2, 50, 80), torch.tensor([50, 40]))) == 2
 
 
+def test_encoder_word_lm_can_be_rebuilt_from_other_text_for_a_decoding(chain, tmp_path):
+    root, _, _ = chain
+    path = root / "outputs" / "default" / "encoder" / "artifact"
+    stored = _artifact(root, "encoder")["ctc_lm"]
+    assert stored["sources"] == ["transcripts"]
+    text = tmp_path / "general.txt"
+    text.write_text("zebras graze quietly\nthe zebra sleeps\n")
+    recognizer, _ = load_recognizer(path, lm_sources=[str(text)])
+    assert sorted(recognizer.lm_decoder.words) == ["graze", "quietly", "sleeps", "the", "zebra", "zebras"]
+    feats, lens = torch.randn(2, 120, 80, generator=torch.Generator().manual_seed(0)), torch.tensor([120, 90])
+    assert all(set(t.split()) <= {"graze", "quietly", "sleeps", "the", "zebra", "zebras"}
+               for t in recognizer.transcribe(feats, lens))
+    with pytest.raises(ValueError, match="training manifest"):
+        load_recognizer(path, lm_sources=["transcripts"])
+
+
 def test_rescoring_picks_the_llm_best_of_the_encoder_nbest(chain):
     from efin.inference import SpeechLLMRecognizer
 

@@ -61,6 +61,7 @@ class CTCLexiconBeamSearch:
         words = sorted({w for w in words if w and set(w) <= letters})
         if not words:
             raise ValueError("the lexicon has no word spelled with the vocabulary's characters")
+        self.words = words  # the lexicon used: every word it can output
         # flashlight reads the lexicon and LM from files; they are only needed while it loads them.
         with tempfile.TemporaryDirectory(prefix="efin-ctc-lm-") as tmp:
             lexicon = Path(tmp) / "lexicon.txt"
@@ -99,15 +100,19 @@ class CTCLexiconBeamSearch:
 
 
 def build_ctc_lm(
-    texts: list[str], order: int = 3, beam_size: int = 50, lm_weight: float = 1.0, word_score: float = 0.0
+    texts: list[str], order: int = 3, beam_size: int = 50, lm_weight: float = 1.0, word_score: float = 0.0,
+    sources: list[str] | None = None,
 ) -> dict:
-    """Word LM + lexicon from (normalised) training transcripts, with its decoding settings:
-    ``{"arpa": ARPA text, "words": sorted lexicon, "order", "decode": {beam_size, lm_weight, word_score}}``."""
+    """Word LM + lexicon from sentences (the training transcripts, or the text of
+    :func:`efin.data.lm_text.lm_sentences`), with its decoding settings: ``{"arpa": ARPA text,
+    "words": sorted lexicon, "order", "sources": what the text was, "decode": {beam_size,
+    lm_weight, word_score}}``."""
     texts = [normalize(t) for t in texts]
     return {
         "arpa": kneser_ney_arpa(texts, order),
         "words": sorted({w for t in texts for w in t.split()}),
         "order": order,
+        "sources": list(sources or ["transcripts"]),
         "decode": {"beam_size": beam_size, "lm_weight": lm_weight, "word_score": word_score},
     }
 

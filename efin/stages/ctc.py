@@ -6,6 +6,7 @@ import logging
 
 import lightning.pytorch as pl
 
+from efin.data.lm_text import lm_sentences
 from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder
 from efin.handoff import plain
 from efin.models.ctc import CTCModel
@@ -26,8 +27,9 @@ class CTCStage(pl.LightningModule):
     ``optimizer``: :func:`~efin.stages.common.adamw_warmup_cosine` arguments (lr, betas, weight
     decay, warm-up, final ratio; the stage file's ``optimizer`` node).
 
-    ``lm`` (``{order, beam_size, lm_weight, word_score}``, or None for none): a word n-gram LM
-    trained on the training transcripts, and their words as the lexicon, for a second decoding
+    ``lm`` (``{order, sources, beam_size, lm_weight, word_score}``, or None for none): a word
+    n-gram LM trained on the text of ``sources`` (:func:`efin.data.lm_text.lm_sentences`; default
+    the training transcripts), and its words as the lexicon, for a second decoding
     of dev and each test set by lexicon beam search next to greedy (``val/wer/dev_lm``, ``test/wer/<set>_lm``);
     stored in the artifact. Character vocabularies only.
     """
@@ -43,7 +45,7 @@ class CTCStage(pl.LightningModule):
     ):
         super().__init__()
         # plain containers: checkpoints load with weights_only
-        lm = None if lm is None else dict(lm)
+        lm = None if lm is None else plain(lm)
         optimizer = (
             plain(optimizer)
             if optimizer is not None
@@ -69,7 +71,9 @@ class CTCStage(pl.LightningModule):
             mean, std = dm.feature_stats(self.hparams.feature_stats_utterances)
             self.encoder.set_feature_stats(mean, std)
             if self.hparams.lm is not None and isinstance(self.vocab, CharacterVocabulary):
-                self.ctc_lm = build_ctc_lm(texts, **self.hparams.lm)
+                lm = dict(self.hparams.lm)
+                sources = lm.pop("sources", None) or ["transcripts"]
+                self.ctc_lm = build_ctc_lm(lm_sentences(sources, transcripts=texts), sources=sources, **lm)
             elif self.hparams.lm is not None:
                 log.warning("no LM decoding: it needs stage.module.vocab=char (set stage.module.lm=null to silence)")
         log.info("CTC vocabulary: %s, %d symbols; encoder %.2f M parameters",

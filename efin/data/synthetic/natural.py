@@ -119,6 +119,23 @@ def _wordnet_texts() -> Iterator[str]:
                     yield example
 
 
+def wordnet_definitions() -> Iterator[str]:
+    """The definitions of every WordNet 3.0 gloss, without its quoted examples (the examples are
+    sentences of the natural corpus, so a word LM trained on these definitions never saw a test
+    sentence): "a member of the genus Canis ...", one item per ``;``-separated definition."""
+    for name in SOURCES["wordnet"]["files"]:
+        path = _package_file(SOURCES["wordnet"]["package"], name, "data/wordnet-3.0")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  ") or "|" not in line:  # licence header
+                    continue
+                gloss = re.sub(r'"[^"]*"', " ", line.split("|", 1)[1])
+                for part in gloss.split(";"):
+                    part = part.strip()
+                    if part:
+                        yield part
+
+
 def split_sentences(text: str) -> list[str]:
     """Cut running text at ., ! or ? followed by a capital, except after common abbreviations."""
     text = re.sub(r"[\"`]|''", "", text)  # quotation marks are not spoken
