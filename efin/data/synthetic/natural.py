@@ -98,42 +98,40 @@ def _fortune_texts(names: Iterable[str]) -> Iterator[str]:
             yield " ".join(" ".join(lines).split())
 
 
-def _wordnet_texts() -> Iterator[str]:
-    """The quoted example sentences of every WordNet 3.0 gloss, as sentences."""
+def _wordnet_glosses() -> Iterator[tuple[str, str]]:
+    """(data file, gloss) for every synset of WordNet 3.0: its definitions and quoted examples."""
     for name in SOURCES["wordnet"]["files"]:
         path = _package_file(SOURCES["wordnet"]["package"], name, "data/wordnet-3.0")
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("  ") or "|" not in line:  # licence header
                     continue
-                gloss = line.split("|", 1)[1]
-                for example in re.findall(r'"([^"]+)"', gloss):
-                    example = example.strip()
-                    if not example:
-                        continue
-                    if name != "data.verb" and not _CLAUSE_MARKERS & set(normalize(example).split()):
-                        continue  # a bare phrase, not a sentence
-                    example = example[0].upper() + example[1:]
-                    if not _END.search(example):
-                        example += "."
-                    yield example
+                yield name, line.split("|", 1)[1]
+
+
+def _wordnet_texts() -> Iterator[str]:
+    """The quoted example sentences of every WordNet 3.0 gloss, as sentences."""
+    for name, gloss in _wordnet_glosses():
+        for example in re.findall(r'"([^"]+)"', gloss):
+            example = example.strip()
+            if not example:
+                continue
+            if name != "data.verb" and not _CLAUSE_MARKERS & set(normalize(example).split()):
+                continue  # a bare phrase, not a sentence
+            example = example[0].upper() + example[1:]
+            if not _END.search(example):
+                example += "."
+            yield example
 
 
 def wordnet_definitions() -> Iterator[str]:
     """The definitions of every WordNet 3.0 gloss, without its quoted examples (the examples are
     sentences of the natural corpus, so a word LM trained on these definitions never saw a test
     sentence): "a member of the genus Canis ...", one item per ``;``-separated definition."""
-    for name in SOURCES["wordnet"]["files"]:
-        path = _package_file(SOURCES["wordnet"]["package"], name, "data/wordnet-3.0")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("  ") or "|" not in line:  # licence header
-                    continue
-                gloss = re.sub(r'"[^"]*"', " ", line.split("|", 1)[1])
-                for part in gloss.split(";"):
-                    part = part.strip()
-                    if part:
-                        yield part
+    for _, gloss in _wordnet_glosses():
+        for part in re.sub(r'"[^"]*"', " ", gloss).split(";"):
+            if part.strip():
+                yield part.strip()
 
 
 def split_sentences(text: str) -> list[str]:
