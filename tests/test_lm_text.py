@@ -17,6 +17,7 @@ def test_sources_are_read_in_order_and_normalised(tmp_path):
     assert lm_sentences(["transcripts", str(manifest), str(text)], transcripts=["Hello World"]) == [
         "hello world", "the cat sat", "a dog barked", "it's late",
     ]
+    assert lm_sentences(str(text)) == lm_sentences([str(text)])  # a single source without brackets
 
 
 def test_bad_sources_name_what_to_give(tmp_path):

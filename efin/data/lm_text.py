@@ -23,14 +23,17 @@ from efin.text import normalize
 NAMED_SOURCES = ("transcripts", "wordnet")
 
 
-def lm_sentences(sources: Sequence[str], transcripts: Iterable[str] | None = None) -> list[str]:
+def lm_sentences(sources: Sequence[str] | str, transcripts: Iterable[str] | None = None) -> list[str]:
     """Normalised, non-empty sentences of every source, in order.
 
     Args:
-        sources: names from :data:`NAMED_SOURCES` or paths (see the module docstring).
+        sources: names from :data:`NAMED_SOURCES` or paths (see the module docstring); one
+            name or path alone is a list of one.
         transcripts: the training transcripts ``transcripts`` stands for; None where there are
             none (evaluation), which makes ``transcripts`` an error naming what to give instead.
     """
+    if isinstance(sources, str):  # decode.lm_sources=wordnet, without the list brackets
+        sources = [sources]
     if not sources:
         raise ValueError(f"the word LM needs at least one text source: {', '.join(NAMED_SOURCES)} or a file path")
     out: list[str] = []
