@@ -22,9 +22,9 @@ import torch
 from efin.artifacts import FIRST_PASS_KEYS, ArtifactError, load_artifact
 from efin.data.audio import LogMel
 from efin.data.lm_text import lm_sentences
-from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder
+from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder, load_ctc_head
 from efin.decoding.generate import detokenize, generate
-from efin.decoding.joint import joint_decode
+from efin.decoding.joint import TextCTC, joint_decode
 from efin.decoding.rescore import DEFAULT_RESCORE_WEIGHT, NBestRescorer
 from efin.decoding.speculative import SpeculativeConfig, SpeculativeDecoder, UtteranceStats
 from efin.handoff import Part, SpeechLLMHandoff, build_encoder
@@ -156,8 +156,12 @@ class SpeechLLMRecognizer:
     ``speculative`` (a mapping of :class:`~efin.decoding.speculative.SpeculativeConfig` fields;
     ``draft``: None = off, ``ctc``, ``none``, ``auto``, or a draft artifact path; see
     :func:`resolve_draft`), ``ctc_weight`` (0: off; > 0: joint CTC/LLM beam search of
-    ``num_beams`` hypotheses, the CTC projector's prefix score weighted ``ctc_weight`` against
-    the LLM's log-probability, :mod:`efin.decoding.joint`). Speculative decoding is greedy and
+    ``num_beams`` hypotheses, a CTC prefix score weighted ``ctc_weight`` against the LLM's
+    log-probability, :mod:`efin.decoding.joint`), ``joint_ctc`` (which CTC: ``projector``, the
+    projector's CTC over the LLM's tokens, or ``encoder``, the encoder stage's character CTC the
+    artifact carries), and with ``encoder``: ``joint_pre_beam`` (the LLM's best tokens per beam
+    the CTC scores each step) and ``joint_label_bonus`` (added to the CTC log-probability per
+    character, so it does not favour short tokens). Speculative decoding is greedy and
     lossless, so it excludes beam search, joint decoding and rescoring; joint decoding and
     rescoring exclude each other (two different second opinions on the LLM). After each
     :meth:`transcribe`, ``last_stats`` holds the per-utterance
@@ -178,6 +182,9 @@ class SpeechLLMRecognizer:
         tokens_per_ctc_token: float | None = None,
         trim_loops: bool | None = None,
         ctc_weight: float = 0.0,
+        joint_ctc: str = "projector",
+        joint_pre_beam: int = 16,
+        joint_label_bonus: float = 1.0,
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
         model = handoff.build(cache_dir)
@@ -186,7 +193,8 @@ class SpeechLLMRecognizer:
         first_pass = {k: handoff.first_pass.get(k) for k in FIRST_PASS_KEYS}
         self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight,
                    speculative=speculative, cache_dir=cache_dir, tokens_per_ctc_token=tokens_per_ctc_token,
-                   trim_loops=trim_loops, ctc_weight=ctc_weight)
+                   trim_loops=trim_loops, ctc_weight=ctc_weight, joint_ctc=joint_ctc, joint_pre_beam=joint_pre_beam,
+                   joint_label_bonus=joint_label_bonus)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
@@ -203,6 +211,7 @@ class SpeechLLMRecognizer:
         rescore_nbest: int = 0, rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
         speculative: Mapping | None = None, cache_dir: str | None = None, draft_model=None,
         tokens_per_ctc_token: float | None = None, trim_loops: bool | None = None, ctc_weight: float = 0.0,
+        joint_ctc: str = "projector", joint_pre_beam: int = 16, joint_label_bonus: float = 1.0,
     ) -> None:
         self.model = model.to(device).eval()
         if tokens_per_ctc_token is not None:  # 0 turns the CTC bound off
@@ -211,7 +220,14 @@ class SpeechLLMRecognizer:
             model.trim_loops = trim_loops
         self.device = device
         self.options = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
-        self.ctc_weight = self._check_ctc_weight(ctc_weight, rescore_nbest)
+        self.ctc_weight = self._check_ctc_weight(ctc_weight, rescore_nbest, joint_ctc)
+        self.joint_options: dict = {}
+        if self.ctc_weight:
+            self.joint_options = {"pre_beam": int(joint_pre_beam), "label_bonus": float(joint_label_bonus),
+                                  "text_ctc": None}
+            if joint_ctc == "encoder":
+                vocab, head = load_ctc_head(self._first_pass_head(first_pass), model.encoder.output_dim, device)
+                self.joint_options["text_ctc"] = TextCTC(head, vocab)
         self.rescorer = None
         if rescore_nbest:
             self.rescorer = NBestRescorer(
@@ -223,17 +239,32 @@ class SpeechLLMRecognizer:
         if speculative is not None:
             self._init_speculative(dict(speculative), cache_dir, draft_model)
 
-    def _check_ctc_weight(self, ctc_weight: float, rescore_nbest: int) -> float:
+    @staticmethod
+    def _first_pass_head(first_pass: dict | None) -> dict:
+        head = (first_pass or {}).get("ctc_head")
+        if head is None:
+            raise ArtifactError(
+                "decode.joint_ctc=encoder: joint decoding with the encoder's CTC needs the encoder stage's CTC head, "
+                "and this artifact or export lacks it (made by an older efin, or with a fine-tuned encoder); use "
+                "decode.joint_ctc=projector"
+            )
+        return head
+
+    def _check_ctc_weight(self, ctc_weight: float, rescore_nbest: int, joint_ctc: str) -> float:
         """``decode.ctc_weight`` checked against the model and the other options."""
+        if joint_ctc not in ("projector", "encoder"):
+            raise ValueError(f"decode.joint_ctc={joint_ctc}: choose projector (the projector's CTC over the LLM's "
+                             "tokens) or encoder (the encoder stage's character CTC)")
         if not ctc_weight:
             return 0.0
         where = f"decode.ctc_weight={ctc_weight}"
         if not 0 < ctc_weight <= 1:
             raise ValueError(f"{where}: the CTC weight of joint decoding is in (0, 1] (0 = off)")
-        if not self.model.has_ctc:
+        if joint_ctc == "projector" and not self.model.has_ctc:
             raise ValueError(f"{where}: joint CTC/LLM decoding scores hypotheses with the projector's CTC head, and "
                              f"this model's projector ({type(self.model.projector).__name__}) has none (projector=ctc "
-                             "has one). Set decode.ctc_weight=0 (decode=beam for plain beam search).")
+                             "has one). Use decode.joint_ctc=encoder (the encoder stage's CTC), or set "
+                             "decode.ctc_weight=0 (decode=beam for plain beam search).")
         if rescore_nbest:
             raise ValueError(f"{where}: joint decoding generates; it cannot be combined with n-best rescoring "
                              "(decode.rescore_nbest). Set one of them to 0.")
@@ -300,7 +331,8 @@ class SpeechLLMRecognizer:
             self.last_stats = list(self.speculative.stats)
             return texts
         if self.ctc_weight:
-            return detokenize(self.model, joint_decode(self.model, feats, feat_lens, self.ctc_weight, **self.options))
+            hyps = joint_decode(self.model, feats, feat_lens, self.ctc_weight, **self.options, **self.joint_options)
+            return detokenize(self.model, hyps)
         return generate(self.model, feats, feat_lens, **self.options)
 
 

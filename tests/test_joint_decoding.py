@@ -10,12 +10,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from efin.decoding.ctc_prefix import CTCPrefixScorer
+from efin.artifacts import ArtifactError
+from efin.decoding.ctc_prefix import CTCPrefixScorer, LabelSequenceScores
 from efin.decoding.generate import decode, detokenize
-from efin.decoding.joint import joint_beam_search, joint_decode
+from efin.decoding.joint import TextCTC, TextCTCScores, TokenCTCScores, joint_beam_search, joint_decode
 from efin.models.llm import build_tiny_llm
 from efin.models.projector import StackingMLPProjector, TokenCTCProjector
 from efin.models.speech_llm import SpeechLLM
+from efin.text import normalize
+from efin.tokenizer import CharVocab
 from tests.conftest import LinearEncoder, compose_config, padded_feature_batch
 
 MAX_NEW = 16
@@ -140,21 +143,22 @@ def test_peaked_ctc_posterior_decides_the_transcript(model, ctc_weight):
     log_probs = _peaked(path, 1 + len(LETTERS))
     vocab = model.projector.vocab_ids
     expected = [int(vocab[c - 1]) for c in _collapse(path)]
-    hyp = joint_beam_search(model.llm, *_prompt(model), log_probs, vocab, model.prompt.stop_ids, MAX_NEW,
+    stops = model.prompt.stop_ids
+    hyp = joint_beam_search(model.llm, *_prompt(model), TokenCTCScores(log_probs, vocab, stops, 3), stops, MAX_NEW,
                             num_beams=3, ctc_weight=ctc_weight)
     assert hyp.tokens == expected
     assert hyp.stop_token in model.prompt.stop_ids  # ended by its stop token, well before the limit
     assert hyp.ctc_log_prob == pytest.approx(0.0, abs=1e-3)
     # the random LLM alone says something else
-    alone = joint_beam_search(model.llm, *_prompt(model), log_probs, vocab, model.prompt.stop_ids, MAX_NEW,
-                              num_beams=3, ctc_weight=0.0)
+    alone = joint_beam_search(model.llm, *_prompt(model), None, stops, MAX_NEW, num_beams=3, ctc_weight=0.0)
     assert alone.tokens != expected
 
 
 def test_an_empty_ctc_transcript_stops_at_once(model):
     log_probs = _peaked([0, 0, 0], 1 + len(LETTERS))
-    hyp = joint_beam_search(model.llm, *_prompt(model), log_probs, model.projector.vocab_ids,
-                            model.prompt.stop_ids, MAX_NEW, num_beams=2, ctc_weight=0.5)
+    stops = model.prompt.stop_ids
+    ctc = TokenCTCScores(log_probs, model.projector.vocab_ids, stops, 2)
+    hyp = joint_beam_search(model.llm, *_prompt(model), ctc, stops, MAX_NEW, num_beams=2, ctc_weight=0.5)
     assert hyp.tokens == [] and hyp.stop_token in model.prompt.stop_ids
 
 
@@ -168,6 +172,122 @@ def test_joint_decoding_emits_only_ctc_vocabulary(model, batch):
         alone = joint_decode(model, feats[b : b + 1, : lens[b]], lens[b : b + 1], ctc_weight=0.3, num_beams=2,
                              max_new_tokens=MAX_NEW)[0]
         assert alone.tokens == h.tokens and alone.stop_token == h.stop_token
+
+
+# ---- another CTC, through the hypotheses' text --------------------------------------------
+
+
+def test_label_sequences_are_scored_as_one_label_at_a_time():
+    log_probs = torch.randn(6, 4, generator=torch.Generator().manual_seed(5)).log_softmax(-1)
+    scorer = CTCPrefixScorer(log_probs)
+    sequences = LabelSequenceScores(log_probs)
+    seqs = [(1, 2, 2), (1,), (), (3, 1), (1, 2, 3, 1), (1, 2)]  # shared prefixes, repeats, the empty one
+    prefix, end = sequences.prefix(seqs), sequences.end(seqs)
+    for seq, p, e in zip(seqs, prefix.tolist(), end.tolist()):
+        state = _state_of(scorer, seq)
+        assert p == pytest.approx(float(state.score), abs=1e-5)
+        assert e == pytest.approx(float(scorer.end_scores(state)), abs=1e-5)
+
+
+def _char_path(text: str, vocab: CharVocab) -> list[int]:
+    """A CTC path spelling ``text``: each label twice, a blank after each word and between repeats."""
+    path = []
+    for i, c in enumerate(text):
+        label = vocab.index[c]
+        if path and path[-1] == label:
+            path.append(0)
+        path += [label, label]
+        if c == " " or i == len(text) - 1:
+            path.append(0)
+    return path
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_peaked_character_ctc_decides_the_text(model, num_beams):
+    vocab = CharVocab()
+    target = "bad cafe"
+    log_probs = _peaked(_char_path(target, vocab), vocab.size)
+    stops = model.prompt.stop_ids
+    ctc = TextCTCScores(log_probs, vocab.encode, model.tokenizer, stops, pre_beam=len(model.tokenizer))
+    hyp = joint_beam_search(model.llm, *_prompt(model), ctc, stops, 4 * MAX_NEW, num_beams=num_beams, ctc_weight=0.9)
+    assert normalize(model.tokenizer.decode(hyp.tokens, skip_special_tokens=True)) == target
+    assert hyp.ctc_log_prob == pytest.approx(0.0, abs=1e-2)
+    alone = joint_beam_search(model.llm, *_prompt(model), None, stops, 4 * MAX_NEW, num_beams=num_beams, ctc_weight=0)
+    assert normalize(model.tokenizer.decode(alone.tokens, skip_special_tokens=True)) != target
+
+
+def test_text_ctc_candidates_are_the_llm_pre_beam(model):
+    vocab = CharVocab()
+    stops = model.prompt.stop_ids
+    ctc = TextCTCScores(torch.zeros(3, vocab.size).log_softmax(-1), vocab.encode, model.tokenizer, stops, pre_beam=2)
+    log_probs = torch.tensor([[0.0, -1.0, -5.0, -0.5, -9.0], [-9.0, -9.0, 0.0, -9.0, -9.0]]).log_softmax(-1)
+    log_probs = F.pad(log_probs, (0, len(model.tokenizer) - 5), value=-30.0)
+    ids, is_stop = ctc.candidates(log_probs, torch.tensor([True, False]), [[], []])  # beam 1 is padding
+    assert set(ids.tolist()) == {0, 3, *stops}
+    assert is_stop.tolist() == [i in stops for i in ids.tolist()]
+
+
+def test_the_ctc_proposes_the_tokens_that_spell_its_continuation(model):
+    vocab = CharVocab()
+    text_ctc = TextCTC(torch.nn.Identity(), vocab)
+    spellings = text_ctc.spellings(model.tokenizer)
+    tok = model.tokenizer
+    assert sorted(spellings[(vocab.index["a"],)]) == sorted(tok.convert_tokens_to_ids(["a", "A"]))
+    assert tok.convert_tokens_to_ids(" ") in spellings[(vocab.index[" "],)]
+    assert all(labels for labels in spellings)  # tokens that spell nothing (specials) are left out
+    log_probs = _peaked(_char_path("bad cafe", vocab), vocab.size)
+    stops = model.prompt.stop_ids
+    ctc = TextCTCScores(log_probs, vocab.encode, tok, stops, pre_beam=1, spellings=spellings, lookahead=3)
+    beam = tok.convert_tokens_to_ids(list("bad"))
+    assert ctc.sequences.best_continuation(tuple(vocab.encode("bad")), 3) == tuple(vocab.encode("bad ca"))[3:]
+    assert ctc.sequences.best_continuation(tuple(vocab.encode("bad cafe")), 3) == ()  # the audio ends there
+    ids, _ = ctc.candidates(F.pad(torch.zeros(1, 5), (0, len(tok) - 5), value=-9.0), torch.tensor([True]), [beam])
+    # the LLM's best (id 0) and every token spelling a prefix of " ca": here those that break a word
+    assert set(ids.tolist()) == {0, *spellings[(vocab.index[" "],)], *stops}
+
+
+def test_the_label_bonus_is_added_per_label(model):
+    vocab = CharVocab()
+    log_probs = torch.randn(12, vocab.size, generator=torch.Generator().manual_seed(2)).log_softmax(-1)
+    stops, tok = model.prompt.stop_ids, model.tokenizer
+    plain = TextCTCScores(log_probs, vocab.encode, tok, stops, pre_beam=4)
+    bonus = TextCTCScores(log_probs, vocab.encode, tok, stops, pre_beam=4, label_bonus=1.5)
+    beams = [tok.convert_tokens_to_ids(list("ab")), tok.convert_tokens_to_ids(list("a,"))]
+    cands = torch.tensor([*tok.convert_tokens_to_ids(["c", " ", "!"]), stops[0]])
+    is_stop = torch.tensor([False, False, False, True])
+    lengths = torch.tensor([[3.0, 3.0, 3.0, 2.0], [3.0, 2.0, 2.0, 1.0]])  # "abc", "ab ", "ab " | "ab"; "a c", "a ", ...
+    assert torch.allclose(bonus.scores(beams, cands, is_stop), plain.scores(beams, cands, is_stop) + 1.5 * lengths)
+    # "a," then "!" adds no label: allowed once, not twice in a row
+    assert plain.scores(beams, cands, is_stop)[1, 2] > float("-inf")
+    twice = plain.scores([tok.convert_tokens_to_ids(list("a,!"))], cands, is_stop)
+    assert twice[0, 2] == float("-inf") and twice[0, 0] > float("-inf")
+
+
+def test_joint_decoding_with_the_encoders_ctc(model, batch):
+    """Any projector works with the encoder's CTC; a batch equals its utterances one at a time."""
+    from efin.inference import SpeechLLMRecognizer
+
+    feats, lens = batch
+    torch.manual_seed(0)
+    vocab = CharVocab()
+    head = torch.nn.Linear(16, vocab.size)
+    llm, tok = build_tiny_llm()
+    plain = SpeechLLM(LinearEncoder(), StackingMLPProjector(16, 64, stack=2, hidden_dim=32), llm, tok).eval()
+    text_ctc = TextCTC(head, vocab)
+    hyps = joint_decode(plain, feats, lens, ctc_weight=0.5, num_beams=2, max_new_tokens=MAX_NEW, text_ctc=text_ctc,
+                        pre_beam=4)
+    for b, h in enumerate(hyps):
+        alone = joint_decode(plain, feats[b : b + 1, : lens[b]], lens[b : b + 1], ctc_weight=0.5, num_beams=2,
+                             max_new_tokens=MAX_NEW, text_ctc=text_ctc, pre_beam=4)[0]
+        assert alone.tokens == h.tokens and alone.stop_token == h.stop_token
+    first_pass = {"ctc_head": {"vocab": vocab.state(), "state_dict": head.state_dict()}}
+    rec = SpeechLLMRecognizer.from_model(plain, ctc_weight=0.5, num_beams=2, max_new_tokens=MAX_NEW,
+                                         joint_ctc="encoder", joint_pre_beam=4, first_pass=first_pass)
+    assert rec.transcribe(feats, lens) == detokenize(plain, hyps)
+    with pytest.raises(ArtifactError, match="joint_ctc=encoder: .*lacks it"):
+        SpeechLLMRecognizer.from_model(plain, ctc_weight=0.5, joint_ctc="encoder", first_pass={})
+    with pytest.raises(ValueError, match="joint_ctc=frames: choose projector"):
+        SpeechLLMRecognizer.from_model(plain, ctc_weight=0.5, joint_ctc="frames")
 
 
 # ---- wiring ---------------------------------------------------------------------------------
@@ -190,7 +310,7 @@ def test_joint_decoding_refuses_what_it_cannot_do(model):
 
     llm, tok = build_tiny_llm()
     plain = SpeechLLM(LinearEncoder(), StackingMLPProjector(16, 64, stack=2, hidden_dim=32), llm, tok).eval()
-    with pytest.raises(ValueError, match=r"ctc_weight=0.3: .*StackingMLPProjector\) has none"):
+    with pytest.raises(ValueError, match=r"ctc_weight=0.3: .*StackingMLPProjector\) has none.*joint_ctc=encoder"):
         SpeechLLMRecognizer.from_model(plain, ctc_weight=0.3)
     with pytest.raises(ValueError, match="cannot be combined with n-best rescoring"):
         SpeechLLMRecognizer.from_model(model, ctc_weight=0.3, rescore_nbest=4)

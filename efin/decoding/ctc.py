@@ -10,6 +10,17 @@ import torch
 from efin.decoding.ngram import kneser_ney_arpa
 from efin.models.protocols import CharacterVocabulary
 from efin.text import normalize
+from efin.tokenizer import CTCVocab, vocab_from_state
+
+
+def load_ctc_head(state: dict, encoder_dim: int, device: str = "cpu") -> tuple[CTCVocab, torch.nn.Linear]:
+    """The encoder stage's CTC head as artifacts store it (``first_pass["ctc_head"]``: its
+    vocabulary's state and the linear layer's weights) -> (vocabulary, head on ``device``);
+    the head maps encoder frames (B, T, encoder_dim) to logits (B, T, vocab.size)."""
+    vocab = vocab_from_state(state["vocab"])
+    head = torch.nn.Linear(encoder_dim, vocab.size)
+    head.load_state_dict(state["state_dict"], strict=True)
+    return vocab, head.to(device)
 
 
 def ctc_greedy(log_probs: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:

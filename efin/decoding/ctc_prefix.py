@@ -45,6 +45,11 @@ class CTCPrefixState:
         """The prefixes ``rows`` (H',) in that order (repeats allowed)."""
         return CTCPrefixState(self.r[rows], self.score[rows], self.last[rows], self.length[rows])
 
+    @staticmethod
+    def cat(states: list[CTCPrefixState]) -> CTCPrefixState:
+        """The prefixes of ``states``, one after the other."""
+        return CTCPrefixState(*(torch.cat([getattr(s, f) for s in states]) for f in ("r", "score", "last", "length")))
+
 
 class CTCPrefixScorer:
     """Prefix scores of label sequences under one utterance's CTC posteriors.
@@ -122,3 +127,60 @@ class CTCPrefixScorer:
     def end_scores(state: CTCPrefixState) -> torch.Tensor:
         """(H,) log probability that the audio is exactly each prefix (no more labels)."""
         return torch.logaddexp(state.r[:, -1, 0], state.r[:, -1, 1])
+
+
+class LabelSequenceScores:
+    """Prefix and end scores of arbitrary label sequences under one utterance's CTC posteriors,
+    each sequence extended from its longest already-scored prefix (a cache shared by a search's
+    hypotheses, which share prefixes). Extending many sequences by one label is one
+    :meth:`CTCPrefixScorer.extend` call, so a batch of candidates k labels longer than their
+    hypotheses costs k frame recursions.
+
+    Args:
+        log_probs: (N, C) log-probabilities per frame, class 0 = blank.
+    """
+
+    def __init__(self, log_probs: torch.Tensor):
+        self.scorer = CTCPrefixScorer(log_probs)
+        self._states: dict[tuple[int, ...], CTCPrefixState] = {(): self.scorer.initial_state()}
+
+    def _ensure(self, sequences: list[tuple[int, ...]]) -> None:
+        todo = {s for s in sequences if s not in self._states}
+        while todo:
+            parents: dict[tuple[int, ...], tuple[int, ...]] = {}  # child -> its scored parent
+            for seq in todo:
+                i = len(seq) - 1
+                while seq[:i] not in self._states:
+                    i -= 1
+                parents[seq[: i + 1]] = seq[:i]
+            children = list(parents)
+            state = CTCPrefixState.cat([self._states[parents[c]] for c in children])
+            labels = torch.tensor([c[-1] for c in children], dtype=torch.long, device=state.r.device)
+            extended = self.scorer.extend(state, labels)
+            for j, child in enumerate(children):
+                self._states[child] = extended.select(torch.tensor([j], device=state.r.device))
+            todo = {s for s in todo if s not in self._states}
+
+    def prefix(self, sequences: list[tuple[int, ...]]) -> torch.Tensor:
+        """(len(sequences),) log probability that the audio begins with each sequence."""
+        self._ensure(sequences)
+        return torch.cat([self._states[s].score for s in sequences])
+
+    def best_continuation(self, sequence: tuple[int, ...], max_labels: int) -> tuple[int, ...]:
+        """Up to ``max_labels`` labels that most likely follow ``sequence``, one at a time (each
+        the best next label, stopping where ending the sequence is likelier)."""
+        out = tuple(sequence)
+        for _ in range(max_labels):
+            self._ensure([out])
+            state = self._states[out]
+            scores = self.scorer.next_scores(state)[0]
+            best = int(scores.argmax())
+            if scores[best] <= CTCPrefixScorer.end_scores(state)[0]:
+                break
+            out = (*out, best)
+        return out[len(sequence):]
+
+    def end(self, sequences: list[tuple[int, ...]]) -> torch.Tensor:
+        """(len(sequences),) log probability that the audio is exactly each sequence."""
+        self._ensure(sequences)
+        return CTCPrefixScorer.end_scores(CTCPrefixState.cat([self._states[s] for s in sequences]))

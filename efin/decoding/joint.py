@@ -1,6 +1,8 @@
-"""Joint CTC/LLM decoding: beam search with the LLM as the decoder and the CTC projector's
-prefix scores as a second opinion (hybrid CTC/attention decoding, Watanabe et al. 2017; ESPnet
-and WeNet's attention + CTC prefix beam search, with the LLM as the attention decoder).
+"""Joint CTC/LLM decoding: beam search with the LLM as the decoder and a CTC head's prefix
+scores as a second opinion (hybrid CTC/attention decoding, Watanabe et al. 2017; ESPnet and
+WeNet's attention + CTC prefix beam search, with the LLM as the attention decoder). The CTC is
+the projector's, over the LLM's own tokens (:class:`TokenCTCScores`), or the encoder stage's
+character CTC, scored through the hypotheses' text (:class:`TextCTCScores`).
 
 Every hypothesis is scored by ``(1 - ctc_weight) x LLM log-probability + ctc_weight x CTC
 prefix log-probability`` (:mod:`efin.decoding.ctc_prefix`); a hypothesis that ends (stop token)
@@ -12,17 +14,45 @@ the audio says token by token, and cuts off transcripts longer than the audio ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from efin.decoding.ctc_prefix import CTCPrefixScorer
+from efin.decoding.ctc_prefix import CTCPrefixScorer, LabelSequenceScores
 from efin.decoding.llm_search import Hypothesis, extend, prefill
 from efin.models.protocols import TokenCTC
 from efin.models.speech_llm import SpeechLLM
+from efin.tokenizer import CTCVocab
 
 NEG_INF = float("-inf")
+
+
+@dataclass
+class TextCTC:
+    """A CTC head on the encoder's output with its own vocabulary, e.g. the encoder stage's
+    character CTC that projector and llm artifacts carry on (:func:`efin.decoding.ctc.load_ctc_head`).
+
+    head: encoder frames (B, T, D) -> logits (B, T, C), class 0 = blank.
+    vocab: its vocabulary (``encode``: text -> labels).
+    """
+
+    head: nn.Module
+    vocab: CTCVocab
+    _spellings: dict | None = field(default=None, repr=False)
+
+    def spellings(self, tokenizer) -> dict[tuple[int, ...], list[int]]:
+        """The LLM's tokens by the labels each adds after a word (" teeth" -> labels of " teeth",
+        its leading space included); tokens that add none are left out. Built once (a pass over
+        the LLM's vocabulary)."""
+        if self._spellings is None:
+            table: dict[tuple[int, ...], list[int]] = {}
+            for token_id in range(len(tokenizer)):
+                labels = tuple(self.vocab.encode("a" + tokenizer.decode([token_id], skip_special_tokens=True) + "x"))
+                if len(labels) > 2:
+                    table.setdefault(labels[1:-1], []).append(token_id)
+            self._spellings = table
+        return self._spellings
 
 
 @dataclass
@@ -57,14 +87,156 @@ def _mix(llm, ctc, weight: float):
     return (1 - weight) * llm + weight * ctc
 
 
+class TokenCTCScores:
+    """The projector's CTC over the LLM's own tokens as joint decoding's second opinion: every
+    token of its vocabulary is scored exactly at every step (one log-sum-exp per hypothesis,
+    :meth:`CTCPrefixScorer.next_scores`), so there is no pre-beam; other tokens (but the stop
+    tokens) have CTC probability 0 and are never emitted.
+
+    Args:
+        log_probs: (N, 1 + S) float log-probabilities of the utterance's N valid CTC frames,
+            class 0 = blank, class i = full-vocabulary token ``vocab_ids[i - 1]``.
+        vocab_ids: (S,) long.
+        stop_ids: ids that end a hypothesis.
+        num_beams: hypotheses the search keeps (rows of its state).
+    """
+
+    def __init__(self, log_probs: torch.Tensor, vocab_ids: torch.Tensor, stop_ids: Sequence[int], num_beams: int):
+        device = log_probs.device
+        stop_set = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        vocab_ids = vocab_ids.to(device)
+        classes = torch.arange(1, vocab_ids.numel() + 1, device=device)
+        token_part = ~torch.isin(vocab_ids, stop_set)
+        # Candidates: the CTC vocabulary (stop ids removed), then the stop ids (class 0: never a label).
+        self.cand_ids = torch.cat([vocab_ids[token_part], stop_set])
+        self.cand_class = torch.cat([classes[token_part], torch.zeros_like(stop_set)])
+        self.is_stop = torch.isin(self.cand_ids, stop_set)
+        self.scorer = CTCPrefixScorer(log_probs)
+        self.state = self.scorer.initial_state().select(torch.zeros(num_beams, dtype=torch.long, device=device))
+
+    def candidates(
+        self, log_probs: torch.Tensor, alive: torch.Tensor, beam_tokens: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W,) token ids to score this step and (W,) which of them end a hypothesis, given the
+        LLM's (k, V) log-probabilities and (k,) which beams are live."""
+        return self.cand_ids, self.is_stop
+
+    def scores(self, beam_tokens: list[list[int]], cand_ids: torch.Tensor, is_stop: torch.Tensor) -> torch.Tensor:
+        """(k, W) CTC log-probability of each beam followed by each candidate (its end score for a stop)."""
+        self._prefix = self.scorer.next_scores(self.state)  # (k, 1 + S)
+        ends = self.scorer.end_scores(self.state)[:, None]
+        return torch.where(is_stop[None, :], ends, self._prefix[:, self.cand_class])
+
+    def advance(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Beam ``rows[i]`` took candidate ``cols[i]``: the frame recursion, for the kept prefixes only."""
+        labels = self.cand_class[cols]
+        self.state = self.scorer.extend(self.state.select(rows), labels, self._prefix[rows, labels])
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.state = self.state.select(rows)
+
+    def end_scores(self, beam_tokens: list[list[int]]) -> list[float]:
+        return self.scorer.end_scores(self.state).tolist()
+
+
+class TextCTCScores:
+    """Another CTC head's opinion on the LLM's tokens through their text: each hypothesis is
+    detokenized, normalised and encoded in the CTC's own vocabulary (e.g. the encoder stage's
+    characters), and scored by the prefix probability of that label sequence. The units need
+    not match the LLM's, so the CTC can hold a word the LLM's tokens split differently, and
+    the LLM can write any word the CTC can spell. Scoring a token means extending a hypothesis
+    by several labels, so only the LLM's ``pre_beam`` best tokens per live beam (and the stop
+    tokens) are scored each step. A token that adds no label (punctuation) keeps its
+    hypothesis' prefix score, but not right after another such token.
+
+    Args:
+        log_probs: (N, C) float log-probabilities of the utterance's N valid frames, class 0 = blank.
+        text_to_labels: normalised text -> CTC labels (``CharVocab.encode``).
+        tokenizer: the LLM's tokenizer (``decode``).
+        stop_ids: ids that end a hypothesis.
+        pre_beam: LLM tokens per live beam scored by the CTC each step.
+        spellings: :meth:`TextCTC.spellings`; with it the CTC proposes candidates too: the tokens
+            that spell a prefix of its likeliest next ``lookahead`` labels after each beam, so
+            a word the LLM ranks low can still be written.
+        label_bonus: added to a sequence's CTC log-probability per label. A prefix probability
+            only falls as a prefix grows, so without it the CTC prefers the shortest token that
+            agrees with the audio (" a" over " analogy"), whose continuations the LLM then finds
+            unlikely; a correct label costs the prefix little, a wrong one far more than the bonus.
+    """
+
+    def __init__(
+        self, log_probs: torch.Tensor, text_to_labels, tokenizer, stop_ids: Sequence[int], pre_beam: int,
+        spellings: dict[tuple[int, ...], list[int]] | None = None, lookahead: int = 16, label_bonus: float = 0.0,
+    ):
+        if pre_beam < 1:
+            raise ValueError(f"pre_beam must be >= 1, got {pre_beam}")
+        self.sequences = LabelSequenceScores(log_probs)
+        self.text_to_labels, self.tokenizer, self.pre_beam = text_to_labels, tokenizer, pre_beam
+        self.spellings, self.lookahead, self.label_bonus = spellings, lookahead, label_bonus
+        self.stop_set = torch.tensor(list(stop_ids), dtype=torch.long, device=log_probs.device)
+
+    def _labels(self, tokens: list[int], final: bool = False) -> tuple[int, ...]:
+        """The CTC labels ``tokens`` commit to: all of their normalised text when ``final``; as a
+        prefix, also the word break a trailing space or punctuation promises ("the " -> "the "),
+        found by normalising the text with a letter appended and dropping that letter's label."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if final:
+            return tuple(self.text_to_labels(text))
+        return tuple(self.text_to_labels(text + "x"))[:-1]
+
+    def candidates(
+        self, log_probs: torch.Tensor, alive: torch.Tensor, beam_tokens: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        best = log_probs[alive].topk(min(self.pre_beam, log_probs.shape[-1]), dim=-1).indices.reshape(-1).tolist()
+        if self.spellings is not None:  # the CTC proposes too: tokens that spell its likeliest continuation
+            for tokens, live in zip(beam_tokens, alive.tolist()):
+                if live:
+                    ahead = self.sequences.best_continuation(self._labels(tokens), self.lookahead)
+                    best += [t for n in range(1, len(ahead) + 1) for t in self.spellings.get(ahead[:n], ())]
+        cand_ids = torch.unique(torch.tensor(best + self.stop_set.tolist(), device=log_probs.device))
+        return cand_ids, torch.isin(cand_ids, self.stop_set)
+
+    def scores(self, beam_tokens: list[list[int]], cand_ids: torch.Tensor, is_stop: torch.Tensor) -> torch.Tensor:
+        cands, stops = cand_ids.tolist(), is_stop.tolist()
+        beams = list(dict.fromkeys(tuple(t) for t in beam_tokens))  # padded beams repeat beam 0
+        labels = {b: self._labels(list(b)) for b in beams}
+        ends = dict(zip(beams, self._end([list(b) for b in beams])))
+        grown = {b: [None if stop else self._labels([*b, c]) for c, stop in zip(cands, stops)] for b in beams}
+        scored = [g for b in beams for g in grown[b] if g is not None]
+        prefix = iter((self.sequences.prefix(scored) + self.label_bonus * self._lengths(scored)).tolist())
+        rows = {}
+        for b in beams:
+            # A token that adds no label (punctuation) costs nothing here, so two in a row are
+            # refused: the LLM could otherwise fill the length limit with them.
+            no_second = len(b) > 0 and labels[b] == self._labels(list(b[:-1]))
+            row = [ends[b] if g is None else next(prefix) for g in grown[b]]
+            rows[b] = [NEG_INF if no_second and g == labels[b] else x for g, x in zip(grown[b], row)]
+        return torch.tensor([rows[tuple(t)] for t in beam_tokens], device=cand_ids.device)
+
+    def advance(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        pass  # the hypotheses' tokens are the state; their scores are cached
+
+    def select(self, rows: torch.Tensor) -> None:
+        pass
+
+    def _lengths(self, sequences: list[tuple[int, ...]]) -> torch.Tensor:
+        return torch.tensor([len(s) for s in sequences], dtype=torch.float32)
+
+    def _end(self, beam_tokens: list[list[int]]) -> list[float]:
+        sequences = [self._labels(t, final=True) for t in beam_tokens]
+        return (self.sequences.end(sequences) + self.label_bonus * self._lengths(sequences)).tolist()
+
+    def end_scores(self, beam_tokens: list[list[int]]) -> list[float]:
+        return self._end(beam_tokens)
+
+
 @torch.no_grad()
 def joint_beam_search(
     llm: nn.Module,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
-    ctc_log_probs: torch.Tensor,
-    vocab_ids: torch.Tensor,
+    ctc: TokenCTCScores | TextCTCScores | None,
     stop_ids: Sequence[int],
     max_new_tokens: int,
     num_beams: int = 4,
@@ -75,16 +247,13 @@ def joint_beam_search(
 
     Args:
         inputs_embeds: (1, L, H) the prompt; attention_mask (1, L); position_ids (1, L).
-        ctc_log_probs: (N, 1 + S) float log-probabilities of the utterance's N valid CTC frames,
-            class 0 = blank, class i = full-vocabulary token ``vocab_ids[i - 1]``.
-        vocab_ids: (S,) long.
+        ctc: the CTC opinion, built for ``num_beams`` (:class:`TokenCTCScores`: the projector's
+            token CTC, every token of its vocabulary; :class:`TextCTCScores`: another CTC head
+            through the hypotheses' text, the LLM's pre-beam). Not consulted when
+            ``ctc_weight`` is 0 (then the result is :func:`~efin.decoding.llm_search.beam_search`'s).
         stop_ids: ids that end a hypothesis (not included in its tokens).
         max_new_tokens: limit on generated tokens, stop token included.
-        ctc_weight: 0..1. Every token of the CTC vocabulary is scored exactly (the CTC prefix
-            probability of all of them is one log-sum-exp per hypothesis, so there is no
-            pre-beam). With ``ctc_weight > 0`` tokens outside the CTC vocabulary (other than the
-            stop tokens) have CTC probability 0 and are never emitted; with 0 the CTC is not
-            consulted and the result is :func:`~efin.decoding.llm_search.beam_search`'s.
+        ctc_weight: 0..1.
 
     The search is beam search's (same candidate rule, finishing and stopping heuristic, length
     limit), ranked by :meth:`JointHypothesis.score` instead of the LLM's log-probability.
@@ -101,20 +270,9 @@ def joint_beam_search(
 
     logits, state = prefill(llm, inputs_embeds, attention_mask, position_ids)
     device = logits.device
-    stop_set = torch.tensor(stops, dtype=torch.long, device=device)
-    if use_ctc:
-        # Candidates: the CTC vocabulary (stop ids removed), then the stop ids.
-        vocab_ids = vocab_ids.to(device)
-        classes = torch.arange(1, vocab_ids.numel() + 1, device=device)
-        token_part = ~torch.isin(vocab_ids, stop_set)
-        cand_ids = torch.cat([vocab_ids[token_part], stop_set])
-        cand_class = torch.cat([classes[token_part], torch.zeros_like(stop_set)])
-        scorer = CTCPrefixScorer(ctc_log_probs.to(device))
-        ctc = scorer.initial_state().select(torch.zeros(k, dtype=torch.long, device=device))
-    else:
-        cand_ids = torch.arange(logits.shape[-1], device=device)  # every token, stop ids where they are
-    is_stop = torch.isin(cand_ids, stop_set)
-    width = cand_ids.numel()
+    if not use_ctc:
+        all_ids = torch.arange(logits.shape[-1], device=device)  # every token, stop ids where they are
+        all_stop = torch.isin(all_ids, torch.tensor(stops, dtype=torch.long, device=device))
 
     state.repeat_interleave(k)
     logits = logits.expand(k, -1)
@@ -131,17 +289,19 @@ def joint_beam_search(
         finished.sort(key=lambda h: h.score(length_penalty), reverse=True)
         del finished[k:]
 
-    cand_list, stop_list = cand_ids.tolist(), is_stop.tolist()
     step = 0
     while True:
         step += 1
-        llm_cand = llm_scores[:, None] + torch.log_softmax(logits, dim=-1)[:, cand_ids]  # (k, width)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        cand_ids, is_stop = ctc.candidates(log_probs, alive, beam_tokens) if use_ctc else (all_ids, all_stop)
+        width = cand_ids.numel()
+        llm_cand = llm_scores[:, None] + log_probs[:, cand_ids]  # (k, width)
         if use_ctc:
-            prefix = scorer.next_scores(ctc)  # (k, 1 + S)
-            ctc_cand = torch.where(is_stop[None, :], scorer.end_scores(ctc)[:, None], prefix[:, cand_class])
+            ctc_cand = ctc.scores(beam_tokens, cand_ids, is_stop)
             joint = _mix(llm_cand, ctc_cand, ctc_weight).masked_fill(~alive[:, None], NEG_INF)
         else:
             joint = llm_cand
+        cand_list, stop_list = cand_ids.tolist(), is_stop.tolist()
         top_scores, top_idx = joint.reshape(-1).topk(min(2 * k, k * width))
         chosen: list[tuple[int, int, float]] = []  # (beam, candidate column, joint score), best first
         for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
@@ -163,11 +323,11 @@ def joint_beam_search(
         cols = torch.tensor([c for _, c, _ in chosen], device=device)
         llm_scores = llm_cand[rows, cols]
         beam_tokens = [beam_tokens[b] + [cand_list[c]] for b, c, _ in chosen]
-        if use_ctc:  # the frame recursion, for the kept prefixes only
-            ctc = scorer.extend(ctc.select(rows), cand_class[cols], prefix[rows, cand_class[cols]])
+        if use_ctc:
+            ctc.advance(rows, cols)
         if step >= max_new_tokens:
             # Length limit: the running beams end here as they are, scored as final transcripts.
-            ends = scorer.end_scores(ctc).tolist() if use_ctc else [0.0] * len(chosen)
+            ends = ctc.end_scores(beam_tokens) if use_ctc else [0.0] * len(chosen)
             for tokens, llm_score, ctc_end in zip(beam_tokens, llm_scores.tolist(), ends):
                 keep_best(JointHypothesis(tokens, llm_score, None, ctc_end, ctc_weight))
             break
@@ -180,7 +340,7 @@ def joint_beam_search(
         llm_scores = llm_scores[keep].masked_fill(~alive, NEG_INF)
         beam_tokens = [beam_tokens[i] for i in keep.tolist()]
         if use_ctc:
-            ctc = ctc.select(keep)
+            ctc.select(keep)
         state.select(rows[keep])
         logits = extend(llm, state, cand_ids[cols[keep]][:, None], logits_to_keep=1)[:, -1]
 
@@ -196,34 +356,50 @@ def joint_decode(
     num_beams: int | None = None,
     length_penalty: float | None = None,
     max_new_tokens: int | None = None,
+    text_ctc: TextCTC | None = None,
+    pre_beam: int = 16,
+    label_bonus: float = 1.0,
 ) -> list[JointHypothesis]:
-    """Joint CTC/LLM decoding of a batch with a SpeechLLM whose projector has a CTC head.
+    """Joint CTC/LLM decoding of a batch: feats (B, T, F), feat_lens (B,) -> one
+    :class:`JointHypothesis` per utterance.
 
-    feats (B, T, F), feat_lens (B,) -> one :class:`JointHypothesis` per utterance. The encoder
-    and projector run once for the batch; the search runs one utterance at a time (its prompt
-    without the batch's left padding). None options take the model's defaults, as
-    :func:`efin.decoding.generate.decode`.
+    The CTC is the projector's token CTC (``text_ctc`` None; the projector must have one), or
+    ``text_ctc``: a CTC head on the encoder's output with its own vocabulary (the encoder
+    stage's character CTC, :class:`TextCTC`), scored through the hypotheses' text on the LLM's
+    ``pre_beam`` best tokens. The encoder and projector run once for the batch; the search runs
+    one utterance at a time (its prompt without the batch's left padding). None options take
+    the model's defaults, as :func:`efin.decoding.generate.decode`.
     """
-    if not isinstance(model.projector, TokenCTC):
+    if text_ctc is None and not isinstance(model.projector, TokenCTC):
         raise TypeError(f"joint CTC/LLM decoding needs a CTC projector; {type(model.projector).__name__} has no CTC "
-                        "head (projector=ctc has one)")
+                        "head (projector=ctc has one, or use the encoder's: decode.joint_ctc=encoder)")
     num_beams = model.num_beams if num_beams is None else num_beams
     length_penalty = model.length_penalty if length_penalty is None else length_penalty
     hidden, lens = model.encoder(feats, feat_lens)
-    logits, logit_lens = model.projector.token_logits(hidden, lens)
-    speech, speech_lens = model.projector.embed(logits, logit_lens)  # what model.embed_speech gives
+    if text_ctc is None:
+        logits, ctc_lens = model.projector.token_logits(hidden, lens)
+        speech, speech_lens = model.projector.embed(logits, ctc_lens)  # what model.project gives
+    else:
+        logits, ctc_lens = text_ctc.head(hidden), lens
+        speech, speech_lens = model.project(hidden, lens)
+    log_probs = logits.float().log_softmax(-1)
     limits = (model.max_new_tokens_for(feat_lens, speech_lens).tolist() if max_new_tokens is None
               else [max_new_tokens] * len(feats))
     speech = speech.to(model.llm.get_input_embeddings().weight.dtype)
     inputs = model.prompt.generation_inputs(model.llm.get_input_embeddings(), speech, speech_lens)
-    log_probs = logits.float().log_softmax(-1)
+    stop_ids = model.prompt.stop_ids
     hyps = []
     for b in range(len(feats)):
+        utterance = log_probs[b, : int(ctc_lens[b])]
+        if text_ctc is None:
+            ctc = TokenCTCScores(utterance, model.projector.vocab_ids, stop_ids, num_beams)
+        else:
+            ctc = TextCTCScores(utterance, text_ctc.vocab.encode, model.tokenizer, stop_ids, pre_beam,
+                                text_ctc.spellings(model.tokenizer), label_bonus=label_bonus)
         start = int((inputs.attention_mask[b] == 0).sum())  # left padding
         hyps.append(joint_beam_search(
             model.llm, inputs.inputs_embeds[b : b + 1, start:], inputs.attention_mask[b : b + 1, start:],
-            inputs.position_ids[b : b + 1, start:], log_probs[b, : int(logit_lens[b])], model.projector.vocab_ids,
-            model.prompt.stop_ids, int(limits[b]), num_beams=num_beams, ctc_weight=ctc_weight,
-            length_penalty=length_penalty,
+            inputs.position_ids[b : b + 1, start:], ctc, stop_ids, int(limits[b]), num_beams=num_beams,
+            ctc_weight=ctc_weight, length_penalty=length_penalty,
         ))
     return hyps

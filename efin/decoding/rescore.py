@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 
 from efin.artifacts import FIRST_PASS_KEYS, ArtifactError
-from efin.decoding.ctc import lm_decoder
+from efin.decoding.ctc import lm_decoder, load_ctc_head
 from efin.decoding.generate import score_transcripts
 from efin.models.speech_llm import SpeechLLM
-from efin.tokenizer import vocab_from_state
 
 # LLM log-probability weight against the CTC + word LM score in n-best rescoring (chosen on dev,
 # README Results); conf/decode/rescore.yaml passes it.
@@ -35,10 +34,7 @@ class NBestRescorer:
             )
         if nbest < 1:
             raise ValueError(f"rescore_nbest must be >= 1 to rescore, got {nbest}")
-        self.vocab = vocab_from_state(first_pass["ctc_head"]["vocab"])
-        self.head = torch.nn.Linear(encoder_dim, self.vocab.size)
-        self.head.load_state_dict(first_pass["ctc_head"]["state_dict"], strict=True)
-        self.head.to(device)
+        self.vocab, self.head = load_ctc_head(first_pass["ctc_head"], encoder_dim, device)
         self.search = lm_decoder(self.vocab, first_pass["ctc_lm"], nbest=nbest)
         self.weight = weight
 
