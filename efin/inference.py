@@ -184,7 +184,7 @@ class SpeechLLMRecognizer:
         ctc_weight: float = 0.0,
         joint_ctc: str = "projector",
         joint_pre_beam: int = 16,
-        joint_label_bonus: float = 1.0,
+        joint_label_bonus: float = 2.5,
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
         model = handoff.build(cache_dir)
@@ -211,7 +211,7 @@ class SpeechLLMRecognizer:
         rescore_nbest: int = 0, rescore_weight: float = DEFAULT_RESCORE_WEIGHT,
         speculative: Mapping | None = None, cache_dir: str | None = None, draft_model=None,
         tokens_per_ctc_token: float | None = None, trim_loops: bool | None = None, ctc_weight: float = 0.0,
-        joint_ctc: str = "projector", joint_pre_beam: int = 16, joint_label_bonus: float = 1.0,
+        joint_ctc: str = "projector", joint_pre_beam: int = 16, joint_label_bonus: float = 2.5,
     ) -> None:
         self.model = model.to(device).eval()
         if tokens_per_ctc_token is not None:  # 0 turns the CTC bound off

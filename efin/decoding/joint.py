@@ -358,7 +358,7 @@ def joint_decode(
     max_new_tokens: int | None = None,
     text_ctc: TextCTC | None = None,
     pre_beam: int = 16,
-    label_bonus: float = 1.0,
+    label_bonus: float = 2.5,
 ) -> list[JointHypothesis]:
     """Joint CTC/LLM decoding of a batch: feats (B, T, F), feat_lens (B,) -> one
     :class:`JointHypothesis` per utterance.
