@@ -24,9 +24,10 @@ from efin.data.audio import LogMel
 from efin.data.lm_text import lm_sentences
 from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder, load_ctc_head
 from efin.decoding.generate import detokenize, generate
-from efin.decoding.joint import TextCTC, joint_decode
+from efin.decoding.joint import joint_decode
 from efin.decoding.rescore import DEFAULT_RESCORE_WEIGHT, NBestRescorer
 from efin.decoding.speculative import SpeculativeConfig, SpeculativeDecoder, UtteranceStats
+from efin.decoding.text_ctc import TextCTC
 from efin.handoff import Part, SpeechLLMHandoff, build_encoder
 from efin.models.ctc import CTCModel
 from efin.models.llm_state import merge_lora

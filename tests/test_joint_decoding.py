@@ -13,7 +13,8 @@ from torch.nn import functional as F
 from efin.artifacts import ArtifactError
 from efin.decoding.ctc_prefix import CTCPrefixScorer, LabelSequenceScores
 from efin.decoding.generate import decode, detokenize
-from efin.decoding.joint import TextCTC, TextCTCScores, TokenCTCScores, joint_beam_search, joint_decode
+from efin.decoding.joint import TokenCTCScores, joint_beam_search, joint_decode
+from efin.decoding.text_ctc import TextCTC, TextCTCScores
 from efin.models.llm import build_tiny_llm
 from efin.models.projector import StackingMLPProjector, TokenCTCProjector
 from efin.models.speech_llm import SpeechLLM
