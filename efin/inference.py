@@ -227,7 +227,12 @@ class SpeechLLMRecognizer:
             self.joint_options = {"pre_beam": int(joint_pre_beam), "label_bonus": float(joint_label_bonus),
                                   "text_ctc": None}
             if joint_ctc == "encoder":
-                vocab, head = load_ctc_head(self._first_pass_head(first_pass), model.encoder.output_dim, device)
+                head_state = self._first_pass_head(first_pass)
+                kind = head_state["vocab"]["kind"]
+                if kind != "char":
+                    raise ValueError(f"decode.joint_ctc=encoder: the encoder's CTC spells {kind} pieces; joint "
+                                     "decoding through text needs a character CTC. Use decode.joint_ctc=projector")
+                vocab, head = load_ctc_head(head_state, model.encoder.output_dim, device)
                 self.joint_options["text_ctc"] = TextCTC(head, vocab)
         self.rescorer = None
         if rescore_nbest:

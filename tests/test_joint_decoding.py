@@ -287,6 +287,9 @@ def test_joint_decoding_with_the_encoders_ctc(model, batch):
     assert rec.transcribe(feats, lens) == detokenize(plain, hyps)
     with pytest.raises(ArtifactError, match="joint_ctc=encoder: .*lacks it"):
         SpeechLLMRecognizer.from_model(plain, ctc_weight=0.5, joint_ctc="encoder", first_pass={})
+    pieces = {"ctc_head": {"vocab": {"kind": "sentencepiece"}, "state_dict": {}}}
+    with pytest.raises(ValueError, match="joint_ctc=encoder: .*needs a character CTC"):
+        SpeechLLMRecognizer.from_model(plain, ctc_weight=0.5, joint_ctc="encoder", first_pass=pieces)
     with pytest.raises(ValueError, match="joint_ctc=frames: choose projector"):
         SpeechLLMRecognizer.from_model(plain, ctc_weight=0.5, joint_ctc="frames")
 

@@ -49,13 +49,14 @@ class TextCTCScores:
     characters), and scored by the prefix probability of that label sequence. The units need
     not match the LLM's, so the CTC can hold a word the LLM's tokens split differently, and
     the LLM can write any word the CTC can spell. Scoring a token means extending a hypothesis
-    by several labels, so only the LLM's ``pre_beam`` best tokens per live beam (and the stop
-    tokens) are scored each step. A token that adds no label (punctuation) keeps its
-    hypothesis' prefix score, but not right after another such token.
+    by several labels, so only the LLM's ``pre_beam`` best tokens per live beam, the tokens the
+    CTC proposes (``spellings``) and the stop tokens are scored each step. A token that adds no
+    label (punctuation) keeps its hypothesis' prefix score, but not right after another such token.
 
     Args:
         log_probs: (N, C) float log-probabilities of the utterance's N valid frames, class 0 = blank.
-        text_to_labels: normalised text -> CTC labels (``CharVocab.encode``).
+        text_to_labels: text -> CTC labels of a character vocabulary (``CharVocab.encode``): the
+            labels of a text with a letter appended are its own labels, then that letter's.
         tokenizer: the LLM's tokenizer (``decode``).
         stop_ids: ids that end a hypothesis.
         pre_beam: LLM tokens per live beam scored by the CTC each step.
