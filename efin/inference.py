@@ -28,6 +28,7 @@ from efin.decoding.joint import joint_decode
 from efin.decoding.rescore import DEFAULT_RESCORE_WEIGHT, NBestRescorer
 from efin.decoding.speculative import SpeculativeConfig, SpeculativeDecoder, UtteranceStats
 from efin.decoding.text_ctc import TextCTC
+from efin.decoding.word_lm import WordLM
 from efin.handoff import Part, SpeechLLMHandoff, build_encoder
 from efin.models.ctc import CTCModel
 from efin.models.llm_state import merge_lora
@@ -49,6 +50,16 @@ EXPORT_META_FILE = "efin_export.json"
 def speech_llm_from_artifact(artifact: dict, cache_dir: str | None = None) -> SpeechLLM:
     """The SpeechLLM of a loaded projector/llm artifact (:meth:`efin.handoff.SpeechLLMHandoff.build`)."""
     return SpeechLLMHandoff.from_artifact(artifact).build(cache_dir)
+
+
+def ctc_lm_from_sources(stored: dict | None, sources: list[str]) -> dict:
+    """A word LM (a ``ctc_lm`` entry) built for this decoding from ``sources``
+    (:func:`efin.data.lm_text.lm_sentences`) instead of the stored one, with the stored one's order
+    and decode settings (if any)."""
+    stored = stored or {"order": 3, "decode": {}}
+    ctc_lm = build_ctc_lm(lm_sentences(sources), order=stored["order"], sources=list(sources), **stored["decode"])
+    log.info("word LM rebuilt from %s: %d words in its lexicon", ", ".join(sources), len(ctc_lm["words"]))
+    return ctc_lm
 
 
 class CTCRecognizer:
@@ -79,11 +90,7 @@ class CTCRecognizer:
         self.lm_decoder = None
         ctc_lm = artifact.get("ctc_lm")
         if lm and lm_sources:
-            # Another word LM for this decoding: same order and settings as the stored one (if any).
-            stored = ctc_lm or {"order": 3, "decode": {}}
-            ctc_lm = build_ctc_lm(lm_sentences(lm_sources), order=stored["order"], sources=list(lm_sources),
-                                  **stored["decode"])
-            log.info("word LM rebuilt from %s: %d words in its lexicon", ", ".join(lm_sources), len(ctc_lm["words"]))
+            ctc_lm = ctc_lm_from_sources(ctc_lm, lm_sources)
         if lm and ctc_lm is not None:
             self.lm_decoder = lm_decoder(
                 self.vocab, ctc_lm, beam_size=beam_size, lm_weight=lm_weight, word_score=word_score
@@ -162,7 +169,11 @@ class SpeechLLMRecognizer:
     projector's CTC over the LLM's tokens, or ``encoder``, the encoder stage's character CTC the
     artifact carries), and with ``encoder``: ``joint_pre_beam`` (the LLM's best tokens per beam
     the CTC scores each step) and ``joint_label_bonus`` (added to the CTC log-probability per
-    character, so it does not favour short tokens). Speculative decoding is greedy and
+    character, so it does not favour short tokens) and ``joint_lm_weight`` (0: off; > 0: the
+    encoder stage's word LM also scores the hypotheses' finished words, with this weight and
+    ``joint_word_score`` per word, :mod:`efin.decoding.word_lm`). ``lm_sources``: the word LM
+    of rescoring and joint decoding is built from these texts instead of the stored one (as for
+    :class:`CTCRecognizer`). Speculative decoding is greedy and
     lossless, so it excludes beam search, joint decoding and rescoring; joint decoding and
     rescoring exclude each other (two different second opinions on the LLM). After each
     :meth:`transcribe`, ``last_stats`` holds the per-utterance
@@ -186,6 +197,9 @@ class SpeechLLMRecognizer:
         joint_ctc: str = "projector",
         joint_pre_beam: int = 16,
         joint_label_bonus: float = 2.5,
+        joint_lm_weight: float = 0.0,
+        joint_word_score: float = 0.0,
+        lm_sources: list[str] | None = None,
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
         model = handoff.build(cache_dir)
@@ -195,7 +209,8 @@ class SpeechLLMRecognizer:
         self._init(model, device, num_beams, length_penalty, max_new_tokens, first_pass, rescore_nbest, rescore_weight,
                    speculative=speculative, cache_dir=cache_dir, tokens_per_ctc_token=tokens_per_ctc_token,
                    trim_loops=trim_loops, ctc_weight=ctc_weight, joint_ctc=joint_ctc, joint_pre_beam=joint_pre_beam,
-                   joint_label_bonus=joint_label_bonus)
+                   joint_label_bonus=joint_label_bonus, joint_lm_weight=joint_lm_weight,
+                   joint_word_score=joint_word_score, lm_sources=lm_sources)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
@@ -213,8 +228,12 @@ class SpeechLLMRecognizer:
         speculative: Mapping | None = None, cache_dir: str | None = None, draft_model=None,
         tokens_per_ctc_token: float | None = None, trim_loops: bool | None = None, ctc_weight: float = 0.0,
         joint_ctc: str = "projector", joint_pre_beam: int = 16, joint_label_bonus: float = 2.5,
+        joint_lm_weight: float = 0.0, joint_word_score: float = 0.0, lm_sources: list[str] | None = None,
     ) -> None:
         self.model = model.to(device).eval()
+        if lm_sources:
+            first_pass = {**(first_pass or {}), "ctc_lm": ctc_lm_from_sources((first_pass or {}).get("ctc_lm"),
+                                                                              lm_sources)}
         if tokens_per_ctc_token is not None:  # 0 turns the CTC bound off
             model.tokens_per_ctc_token = tokens_per_ctc_token or None
         if trim_loops is not None:
@@ -222,6 +241,10 @@ class SpeechLLMRecognizer:
         self.device = device
         self.options = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens}
         self.ctc_weight = self._check_ctc_weight(ctc_weight, rescore_nbest, joint_ctc)
+        if joint_lm_weight and (joint_ctc != "encoder" or not self.ctc_weight):
+            raise ValueError(f"decode.joint_lm_weight={joint_lm_weight}: the word LM scores the hypotheses' text in "
+                             "joint decoding with the encoder's character CTC (decode=joint, "
+                             "decode.joint_ctc=encoder); set those, or decode.joint_lm_weight=0")
         self.joint_options: dict = {}
         if self.ctc_weight:
             self.joint_options = {"pre_beam": int(joint_pre_beam), "label_bonus": float(joint_label_bonus),
@@ -234,6 +257,8 @@ class SpeechLLMRecognizer:
                                      "decoding through text needs a character CTC. Use decode.joint_ctc=projector")
                 vocab, head = load_ctc_head(head_state, model.encoder.output_dim, device)
                 self.joint_options["text_ctc"] = TextCTC(head, vocab)
+            if joint_lm_weight:
+                self.joint_options["word_lm"] = self._joint_word_lm(first_pass, joint_lm_weight, joint_word_score)
         self.rescorer = None
         if rescore_nbest:
             self.rescorer = NBestRescorer(
@@ -255,6 +280,17 @@ class SpeechLLMRecognizer:
                 "decode.joint_ctc=projector"
             )
         return head
+
+    @staticmethod
+    def _joint_word_lm(first_pass: dict | None, weight: float, word_score: float) -> WordLM:
+        """The encoder stage's word LM for joint decoding (``decode.joint_lm_weight``)."""
+        where = f"decode.joint_lm_weight={weight}"
+        ctc_lm = (first_pass or {}).get("ctc_lm")
+        if ctc_lm is None:
+            raise ArtifactError(f"{where}: this artifact or export carries no word LM of the encoder stage (trained "
+                                "without stage.module.lm); build one with decode.lm_sources=[...], or set "
+                                "decode.joint_lm_weight=0")
+        return WordLM.from_arpa(ctc_lm["arpa"], weight, word_score)
 
     def _check_ctc_weight(self, ctc_weight: float, rescore_nbest: int, joint_ctc: str) -> float:
         """``decode.ctc_weight`` checked against the model and the other options."""

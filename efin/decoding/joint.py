@@ -2,10 +2,12 @@
 scores as a second opinion (hybrid CTC/attention decoding, Watanabe et al. 2017; ESPnet and
 WeNet's attention + CTC prefix beam search, with the LLM as the attention decoder). The CTC is
 the projector's, over the LLM's own tokens (:class:`TokenCTCScores`), or the encoder stage's
-character CTC, scored through the hypotheses' text (:class:`TextCTCScores`).
+character CTC, scored through the hypotheses' text (:class:`TextCTCScores`). A word n-gram LM
+may add a third opinion on the hypotheses' finished words (:class:`~efin.decoding.word_lm.WordLMScores`).
 
 Every hypothesis is scored by ``(1 - ctc_weight) x LLM log-probability + ctc_weight x CTC
-prefix log-probability`` (:mod:`efin.decoding.ctc_prefix`); a hypothesis that ends (stop token)
+prefix log-probability`` (:mod:`efin.decoding.ctc_prefix`), plus the word LM's weighted score
+when there is one; a hypothesis that ends (stop token)
 takes the CTC probability of exactly its tokens instead of the prefix one. The LLM alone may
 swap in words it prefers or loop until the length limit; the CTC term holds every step to what
 the audio says token by token, and cuts off transcripts longer than the audio can carry.
@@ -22,6 +24,7 @@ from torch import nn
 from efin.decoding.ctc_prefix import CTCPrefixScorer
 from efin.decoding.llm_search import Hypothesis, extend, prefill
 from efin.decoding.text_ctc import TextCTC, TextCTCScores
+from efin.decoding.word_lm import WordLM, WordLMScores
 from efin.models.protocols import TokenCTC
 from efin.models.speech_llm import SpeechLLM
 
@@ -35,15 +38,17 @@ class JointHypothesis(Hypothesis):
     ctc_log_prob: CTC log-probability of exactly ``tokens`` (the sequence CTC score; also for a
         hypothesis cut at the length limit, whose tokens are final too).
     ctc_weight: the weight the score mixes them with.
+    lm_score: the word LM's weighted score of its words (0 without one).
     """
 
     ctc_log_prob: float = 0.0
     ctc_weight: float = 0.0
+    lm_score: float = 0.0
 
     @property
     def joint_log_prob(self) -> float:
-        """``(1 - ctc_weight) x log_prob + ctc_weight x ctc_log_prob``."""
-        return _mix(self.log_prob, self.ctc_log_prob, self.ctc_weight)
+        """``(1 - ctc_weight) x log_prob + ctc_weight x ctc_log_prob + lm_score``."""
+        return _mix(self.log_prob, self.ctc_log_prob, self.ctc_weight) + self.lm_score
 
     def score(self, length_penalty: float = 1.0) -> float:
         """``joint_log_prob / length ** length_penalty``: beam search's ranking, on the joint score."""
@@ -124,6 +129,7 @@ def joint_beam_search(
     num_beams: int = 4,
     ctc_weight: float = 0.3,
     length_penalty: float = 1.0,
+    word_lm: WordLMScores | None = None,
 ) -> JointHypothesis:
     """Joint CTC/LLM beam search over one utterance; returns its best :class:`JointHypothesis`.
 
@@ -136,6 +142,8 @@ def joint_beam_search(
         stop_ids: ids that end a hypothesis (not included in its tokens).
         max_new_tokens: limit on generated tokens, stop token included.
         ctc_weight: 0..1.
+        word_lm: a word n-gram LM's scores, added to every hypothesis' score (needs a CTC
+            with a pre-beam, :class:`TextCTCScores`: it scores few candidates per step).
 
     The search is beam search's (same candidate rule, finishing and stopping heuristic, length
     limit), ranked by :meth:`JointHypothesis.score` instead of the LLM's log-probability.
@@ -149,6 +157,8 @@ def joint_beam_search(
         return JointHypothesis([], 0.0, ctc_weight=ctc_weight)
     stops = list(dict.fromkeys(stop_ids))
     use_ctc = ctc_weight > 0
+    if word_lm is not None and not (use_ctc and isinstance(ctc, TextCTCScores)):
+        raise ValueError("a word LM in joint decoding needs a character CTC (TextCTCScores, ctc_weight > 0)")
 
     logits, state = prefill(llm, inputs_embeds, attention_mask, position_ids)
     device = logits.device
@@ -178,9 +188,14 @@ def joint_beam_search(
         cand_ids, is_stop = ctc.candidates(log_probs, alive, beam_tokens) if use_ctc else (all_ids, all_stop)
         width = cand_ids.numel()
         llm_cand = llm_scores[:, None] + log_probs[:, cand_ids]  # (k, width)
+        lm_cand = None
         if use_ctc:
             ctc_cand = ctc.scores(beam_tokens, cand_ids, is_stop)
-            joint = _mix(llm_cand, ctc_cand, ctc_weight).masked_fill(~alive[:, None], NEG_INF)
+            lm_cand = word_lm.scores(beam_tokens, cand_ids, is_stop) if word_lm is not None else None
+            joint = _mix(llm_cand, ctc_cand, ctc_weight)
+            if lm_cand is not None:
+                joint = joint + lm_cand
+            joint = joint.masked_fill(~alive[:, None], NEG_INF)
         else:
             joint = llm_cand
         cand_list, stop_list = cand_ids.tolist(), is_stop.tolist()
@@ -193,8 +208,9 @@ def joint_beam_search(
             if stop_list[col]:
                 if rank < k:
                     ctc_end = float(ctc_cand[beam, col]) if use_ctc else 0.0
+                    lm_end = float(lm_cand[beam, col]) if lm_cand is not None else 0.0
                     keep_best(JointHypothesis(list(beam_tokens[beam]), float(llm_cand[beam, col]), cand_list[col],
-                                              ctc_end, ctc_weight))
+                                              ctc_end, ctc_weight, lm_end))
             else:
                 chosen.append((beam, col, score))
             if len(chosen) == k:
@@ -210,8 +226,9 @@ def joint_beam_search(
         if step >= max_new_tokens:
             # Length limit: the running beams end here as they are, scored as final transcripts.
             ends = ctc.end_scores(beam_tokens) if use_ctc else [0.0] * len(chosen)
-            for tokens, llm_score, ctc_end in zip(beam_tokens, llm_scores.tolist(), ends):
-                keep_best(JointHypothesis(tokens, llm_score, None, ctc_end, ctc_weight))
+            lm_ends = word_lm.end_scores(beam_tokens) if word_lm is not None else [0.0] * len(chosen)
+            for tokens, llm_score, ctc_end, lm_end in zip(beam_tokens, llm_scores.tolist(), ends, lm_ends):
+                keep_best(JointHypothesis(tokens, llm_score, None, ctc_end, ctc_weight, lm_end))
             break
         if len(finished) >= k and chosen[0][2] / step**length_penalty <= finished[-1].score(length_penalty):
             break  # beam search's heuristic: the best running beam cannot beat the worst finished one
@@ -241,6 +258,7 @@ def joint_decode(
     text_ctc: TextCTC | None = None,
     pre_beam: int = 16,
     label_bonus: float = 2.5,
+    word_lm: WordLM | None = None,
 ) -> list[JointHypothesis]:
     """Joint CTC/LLM decoding of a batch: feats (B, T, F), feat_lens (B,) -> one
     :class:`JointHypothesis` per utterance.
@@ -248,7 +266,8 @@ def joint_decode(
     The CTC is the projector's token CTC (``text_ctc`` None; the projector must have one), or
     ``text_ctc``: a CTC head on the encoder's output with its own vocabulary (the encoder
     stage's character CTC, :class:`TextCTC`), scored through the hypotheses' text on the LLM's
-    ``pre_beam`` best tokens. The encoder and projector run once for the batch; the search runs
+    ``pre_beam`` best tokens, and optionally ``word_lm`` (a word n-gram LM on the hypotheses'
+    finished words; with ``text_ctc`` only). The encoder and projector run once for the batch; the search runs
     one utterance at a time (its prompt without the batch's left padding). None options take
     the model's defaults, as :func:`efin.decoding.generate.decode`.
     """
@@ -283,5 +302,6 @@ def joint_decode(
             model.llm, inputs.inputs_embeds[b : b + 1, start:], inputs.attention_mask[b : b + 1, start:],
             inputs.position_ids[b : b + 1, start:], ctc, stop_ids, int(limits[b]), num_beams=num_beams,
             ctc_weight=ctc_weight, length_penalty=length_penalty,
+            word_lm=WordLMScores(word_lm, model.tokenizer) if word_lm is not None else None,
         ))
     return hyps

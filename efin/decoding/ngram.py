@@ -101,3 +101,53 @@ def _lower_prob(prob: list[dict], backoff: list[dict], g: tuple) -> float:
     if g in prob[n]:
         return prob[n][g]
     return backoff[n - 1].get(g[:-1], 1.0) * _lower_prob(prob, backoff, g[1:])
+
+
+class NgramLM:
+    """Queries of an ARPA word LM (:func:`kneser_ney_arpa`'s, or any backoff ARPA), in natural log.
+
+    ``log_prob(history, word)`` backs off as ARPA prescribes: the longest stored n-gram ending in
+    ``word``, plus the backoff weights of the longer histories that were not found. A word
+    outside the vocabulary is scored as ``<unk>``.
+    """
+
+    LN10 = math.log(10.0)
+
+    def __init__(self, arpa: str):
+        self.prob: dict[tuple[str, ...], float] = {}  # n-gram -> log10 P(w | h)
+        self.backoff: dict[tuple[str, ...], float] = {}  # history -> log10 backoff weight
+        order = 0
+        for line in arpa.splitlines():
+            line = line.strip()
+            if not line or line.startswith("ngram ") or line in ("\\data\\", "\\end\\"):
+                continue
+            if line.startswith("\\") and line.endswith("-grams:"):
+                order = int(line[1:-len("-grams:")])
+                continue
+            fields = line.split("\t") if "\t" in line else line.split()
+            if order == 0 or len(fields) < 2:
+                raise ValueError(f"not an ARPA n-gram line: {line[:80]!r}")
+            ngram = tuple(fields[1].split()) if "\t" in line else tuple(fields[1 : 1 + order])
+            self.prob[ngram] = float(fields[0])
+            rest = fields[2:] if "\t" in line else fields[1 + order :]
+            if rest:
+                self.backoff[ngram] = float(rest[0])
+            self.order = order
+        if not self.prob:
+            raise ValueError("the ARPA text holds no n-grams")
+        self.vocab = {g[0] for g in self.prob if len(g) == 1} - {BOS, EOS, UNK}  # the words it knows
+
+    def log_prob(self, history: tuple[str, ...], word: str) -> float:
+        """ln P(word | history); only the last ``order - 1`` words of ``history`` matter."""
+        if word != EOS and word not in self.vocab:
+            word = UNK
+        history = history[len(history) - self.order + 1 :] if self.order > 1 else ()
+        penalty = 0.0
+        while True:
+            found = self.prob.get((*history, word))
+            if found is not None:
+                return (found + penalty) * self.LN10
+            if not history:  # not even a unigram (an LM without <unk>)
+                return -99.0 * self.LN10
+            penalty += self.backoff.get(history, 0.0)
+            history = history[1:]
