@@ -52,12 +52,14 @@ def speech_llm_from_artifact(artifact: dict, cache_dir: str | None = None) -> Sp
     return SpeechLLMHandoff.from_artifact(artifact).build(cache_dir)
 
 
-def ctc_lm_from_sources(stored: dict | None, sources: list[str]) -> dict:
+def ctc_lm_from_sources(stored: dict | None, sources: list[str], min_count: int | None = None) -> dict:
     """A word LM (a ``ctc_lm`` entry) built for this decoding from ``sources``
-    (:func:`efin.data.lm_text.lm_sentences`) instead of the stored one, with the stored one's order
-    and decode settings (if any)."""
+    (:func:`efin.data.lm_text.lm_sentences`) instead of the stored one, with the stored one's order,
+    pruning (``min_count`` None) and decode settings (if any)."""
     stored = stored or {"order": 3, "decode": {}}
-    ctc_lm = build_ctc_lm(lm_sentences(sources), order=stored["order"], sources=list(sources), **stored["decode"])
+    min_count = stored.get("min_count", 1) if min_count is None else min_count
+    ctc_lm = build_ctc_lm(lm_sentences(sources), order=stored["order"], sources=list(sources), min_count=min_count,
+                          **stored["decode"])
     log.info("word LM rebuilt from %s: %d words in its lexicon", ", ".join(sources), len(ctc_lm["words"]))
     return ctc_lm
 
@@ -69,7 +71,8 @@ class CTCRecognizer:
     Options (evaluate's ``decode:``): ``lm`` (false: greedy even when an LM is stored),
     ``beam_size``, ``lm_weight``, ``word_score`` (None: the artifact's settings), ``lm_sources``
     (a word LM built for this decoding from these texts instead of the stored one, see
-    :func:`efin.data.lm_text.lm_sentences`; the stored LM's order and settings are kept).
+    :func:`efin.data.lm_text.lm_sentences`; the stored LM's order and settings are kept) and
+    ``lm_min_count`` (its pruning: n-grams seen fewer times are left out; None: the stored LM's).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class CTCRecognizer:
         lm_weight: float | None = None,
         word_score: float | None = None,
         lm_sources: list[str] | None = None,
+        lm_min_count: int | None = None,
     ):
         self.vocab = vocab_from_state(artifact["ctc_head"]["vocab"])
         self.model = CTCModel(build_encoder(Part(**artifact["encoder"])), self.vocab.size)
@@ -90,7 +94,7 @@ class CTCRecognizer:
         self.lm_decoder = None
         ctc_lm = artifact.get("ctc_lm")
         if lm and lm_sources:
-            ctc_lm = ctc_lm_from_sources(ctc_lm, lm_sources)
+            ctc_lm = ctc_lm_from_sources(ctc_lm, lm_sources, lm_min_count)
         if lm and ctc_lm is not None:
             self.lm_decoder = lm_decoder(
                 self.vocab, ctc_lm, beam_size=beam_size, lm_weight=lm_weight, word_score=word_score
@@ -172,8 +176,8 @@ class SpeechLLMRecognizer:
     character, so it does not favour short tokens) and ``joint_lm_weight`` (0: off; > 0: the
     encoder stage's word LM also scores the hypotheses' finished words, with this weight and
     ``joint_word_score`` per word, :mod:`efin.decoding.word_lm`). ``lm_sources``: the word LM
-    of rescoring and joint decoding is built from these texts instead of the stored one (as for
-    :class:`CTCRecognizer`). Speculative decoding is greedy and
+    of rescoring and joint decoding is built from these texts instead of the stored one (and
+    ``lm_min_count``, as for :class:`CTCRecognizer`). Speculative decoding is greedy and
     lossless, so it excludes beam search, joint decoding and rescoring; joint decoding and
     rescoring exclude each other (two different second opinions on the LLM). After each
     :meth:`transcribe`, ``last_stats`` holds the per-utterance
@@ -200,6 +204,7 @@ class SpeechLLMRecognizer:
         joint_lm_weight: float = 0.0,
         joint_word_score: float = 0.0,
         lm_sources: list[str] | None = None,
+        lm_min_count: int | None = None,
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
         model = handoff.build(cache_dir)
@@ -210,7 +215,7 @@ class SpeechLLMRecognizer:
                    speculative=speculative, cache_dir=cache_dir, tokens_per_ctc_token=tokens_per_ctc_token,
                    trim_loops=trim_loops, ctc_weight=ctc_weight, joint_ctc=joint_ctc, joint_pre_beam=joint_pre_beam,
                    joint_label_bonus=joint_label_bonus, joint_lm_weight=joint_lm_weight,
-                   joint_word_score=joint_word_score, lm_sources=lm_sources)
+                   joint_word_score=joint_word_score, lm_sources=lm_sources, lm_min_count=lm_min_count)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
@@ -229,11 +234,12 @@ class SpeechLLMRecognizer:
         tokens_per_ctc_token: float | None = None, trim_loops: bool | None = None, ctc_weight: float = 0.0,
         joint_ctc: str = "projector", joint_pre_beam: int = 16, joint_label_bonus: float = 2.5,
         joint_lm_weight: float = 0.0, joint_word_score: float = 0.0, lm_sources: list[str] | None = None,
+        lm_min_count: int | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         if lm_sources:
-            first_pass = {**(first_pass or {}), "ctc_lm": ctc_lm_from_sources((first_pass or {}).get("ctc_lm"),
-                                                                              lm_sources)}
+            stored = (first_pass or {}).get("ctc_lm")
+            first_pass = {**(first_pass or {}), "ctc_lm": ctc_lm_from_sources(stored, lm_sources, lm_min_count)}
         if tokens_per_ctc_token is not None:  # 0 turns the CTC bound off
             model.tokens_per_ctc_token = tokens_per_ctc_token or None
         if trim_loops is not None:

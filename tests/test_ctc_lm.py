@@ -8,47 +8,36 @@ import pytest
 import torch
 
 from efin.decoding.ctc import CTCLexiconBeamSearch, build_ctc_lm, ctc_greedy, lm_decoder
-from efin.decoding.ngram import kneser_ney_arpa
+from efin.decoding.ngram import NgramLM, kneser_ney_arpa
 from efin.tokenizer import CharVocab
 
 SENTENCES = ["the cat sat on the mat", "the dog sat on the log", "a cat saw the dog", "the cat ran"]
 
 
-def _read_arpa(text: str) -> tuple[dict, dict]:
-    """ARPA text -> ({ngram: log10 p}, {ngram: log10 backoff})."""
-    probs, backoffs = {}, {}
-    for line in text.splitlines():
-        parts = line.split("\t")
-        if len(parts) >= 2 and not line.startswith("ngram"):
-            gram = tuple(parts[1].split())
-            probs[gram] = float(parts[0])
-            if len(parts) == 3:
-                backoffs[gram] = float(parts[2])
-    return probs, backoffs
-
-
-def _prob(probs: dict, backoffs: dict, gram: tuple) -> float:
-    """P(gram[-1] | gram[:-1]) with ARPA backoff."""
-    if gram in probs:
-        return 10 ** probs[gram]
-    return 10 ** backoffs.get(gram[:-1], 0.0) * _prob(probs, backoffs, gram[1:])
-
-
-@pytest.mark.parametrize("order", [1, 2, 3])
-def test_kneser_ney_distributions_sum_to_one(order):
-    probs, backoffs = _read_arpa(kneser_ney_arpa(SENTENCES, order))
-    vocab = sorted({g[0] for g in probs if len(g) == 1} - {"<s>"})
-    assert "<unk>" in vocab and "</s>" in vocab
-    histories = {g[:-1] for g in probs if len(g) > 1} | {()}
+@pytest.mark.parametrize("order, min_count", [(1, 1), (2, 1), (3, 1), (3, 2), (2, 3)])
+def test_kneser_ney_distributions_sum_to_one(order, min_count):
+    lm = NgramLM(kneser_ney_arpa(SENTENCES, order, min_count))
+    vocab = [*lm.vocab, "</s>", "<unk>"]
+    histories = {g[:-1] for g in lm.prob if len(g) > 1} | {()} | {("the", "zebra"), ("<s>", "cat")}
     for h in histories:
-        total = sum(_prob(probs, backoffs, (*h, w)) for w in vocab)
+        total = sum(math.exp(lm.log_prob(h, w)) for w in vocab)
         assert total == pytest.approx(1.0, abs=1e-4), h
 
 
+def test_pruning_drops_rare_ngrams_only():
+    full, pruned = NgramLM(kneser_ney_arpa(SENTENCES, 3)), NgramLM(kneser_ney_arpa(SENTENCES, 3, min_count=2))
+    assert ("sat", "on", "the") in pruned.prob and ("on", "the") in pruned.prob  # seen twice
+    assert ("the", "cat", "ran") in full.prob and ("the", "cat", "ran") not in pruned.prob  # once
+    assert {g for g in full.prob if len(g) == 1} == {g for g in pruned.prob if len(g) == 1}
+    assert len(pruned.prob) < len(full.prob)
+    # the pruned LM still loads into the C++ decoder
+    lm_decoder(CharVocab(), build_ctc_lm(SENTENCES, order=3, min_count=2))
+
+
 def test_kneser_ney_prefers_seen_continuations():
-    probs, backoffs = _read_arpa(kneser_ney_arpa(SENTENCES, 3))
-    assert _prob(probs, backoffs, ("sat", "on", "the")) > _prob(probs, backoffs, ("sat", "on", "cat"))
-    assert math.isclose(probs[("<s>",)], -99.0)
+    lm = NgramLM(kneser_ney_arpa(SENTENCES, 3))
+    assert lm.log_prob(("sat", "on"), "the") > lm.log_prob(("sat", "on"), "cat")
+    assert math.isclose(lm.prob[("<s>",)], -99.0)
 
 
 def test_kneser_ney_rejects_bad_input():

@@ -112,17 +112,19 @@ class CTCLexiconBeamSearch:
 
 def build_ctc_lm(
     texts: list[str], order: int = 3, beam_size: int = 50, lm_weight: float = 1.0, word_score: float = 0.0,
-    sources: list[str] | None = None,
+    sources: list[str] | None = None, min_count: int = 1,
 ) -> dict:
     """Word LM + lexicon from sentences (the training transcripts, or the text of
     :func:`efin.data.lm_text.lm_sentences`), with its decoding settings: ``{"arpa": ARPA text,
-    "words": sorted lexicon, "order", "sources": what the text was, "decode": {beam_size,
-    lm_weight, word_score}}``."""
+    "words": sorted lexicon, "order", "min_count" (n-grams of order >= 2 seen fewer times are
+    pruned, :func:`~efin.decoding.ngram.kneser_ney_arpa`), "sources": what the text was,
+    "decode": {beam_size, lm_weight, word_score}}``."""
     texts = [normalize(t) for t in texts]
     return {
-        "arpa": kneser_ney_arpa(texts, order),
+        "arpa": kneser_ney_arpa(texts, order, min_count),
         "words": sorted({w for t in texts for w in t.split()}),
         "order": order,
+        "min_count": min_count,
         "sources": list(sources or ["transcripts"]),
         "decode": {"beam_size": beam_size, "lm_weight": lm_weight, "word_score": word_score},
     }

@@ -8,7 +8,9 @@ interpolated probability, and a history's backoff weight is its interpolation we
 Conventions (as in KenLM's ``lmplz``): each sentence is ``<s> w1 ... wk </s>``; the highest order
 uses raw counts, lower orders use continuation counts (distinct left neighbours) except for
 n-grams that start with ``<s>``; one discount per order, ``D = n1 / (n1 + 2 n2)``; unigrams are
-interpolated with a uniform distribution over the vocabulary plus ``<unk>``.
+interpolated with a uniform distribution over the vocabulary plus ``<unk>``. Pruning
+(``min_count``) drops rare n-grams of order 2 and up after estimation and recomputes the backoff
+weights so every history's distribution still sums to one (SRILM's renormalisation).
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ def _discount(counts: Iterable[int]) -> float:
     return min(max(d, 0.1), 0.9)
 
 
-def kneser_ney_arpa(sentences: Iterable[str], order: int = 3) -> str:
+def kneser_ney_arpa(sentences: Iterable[str], order: int = 3, min_count: int = 1) -> str:
     """ARPA text of an interpolated Kneser-Ney word LM.
 
     Args:
         sentences: whitespace-tokenised, already normalised text, one sentence per item
             (empty ones are ignored).
         order: n-gram order (>= 1).
+        min_count: n-grams of order >= 2 seen fewer times in the text are left out (their
+            probability goes to the backoff); 1 keeps all. Unigrams are always kept.
     """
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
@@ -77,6 +81,8 @@ def kneser_ney_arpa(sentences: Iterable[str], order: int = 3) -> str:
             prob[1][(UNK,)] = gamma[()] / len(vocab)
         else:
             backoff[n - 1] = {h: gamma[h] for h in totals}
+    if min_count > 1:
+        _prune(prob, backoff, raw, min_count)
 
     lines = ["", "\\data\\"]
     sizes = [len(prob[1]) + 1] + [len(prob[n]) for n in range(2, order + 1)]  # +1: the <s> line
@@ -93,6 +99,19 @@ def kneser_ney_arpa(sentences: Iterable[str], order: int = 3) -> str:
             lines.append(text if bow is None else f"{text}\t{math.log10(bow):.6f}")
     lines += ["", "\\end\\", ""]
     return "\n".join(lines)
+
+
+def _prune(prob: list[dict], backoff: list[dict], raw: list[Counter], min_count: int) -> None:
+    """Drop n-grams (order >= 2) seen fewer than ``min_count`` times, lowest order first, and set
+    each history's backoff to ``(1 - sum of its kept P(w | h)) / (1 - sum of the lower order's P(w | h'))``
+    over the same words. A kept n-gram's prefix and suffix occur at least as often, so they stay."""
+    for n in range(2, len(prob)):
+        prob[n] = {g: p for g, p in prob[n].items() if raw[n][g] >= min_count}
+        kept, lower = defaultdict(float), defaultdict(float)
+        for g, p in prob[n].items():
+            kept[g[:-1]] += p
+            lower[g[:-1]] += _lower_prob(prob, backoff, g[1:])
+        backoff[n - 1] = {h: (1.0 - kept[h]) / max(1.0 - lower[h], 1e-12) for h in backoff[n - 1]}
 
 
 def _lower_prob(prob: list[dict], backoff: list[dict], g: tuple) -> float:
