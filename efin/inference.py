@@ -21,8 +21,7 @@ import torch
 
 from efin.artifacts import FIRST_PASS_KEYS, ArtifactError, load_artifact
 from efin.data.audio import LogMel
-from efin.data.lm_text import lm_sentences
-from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder, load_ctc_head
+from efin.decoding.ctc import ctc_greedy, ctc_lm_from_sources, lm_decoder, load_ctc_head
 from efin.decoding.generate import detokenize, generate
 from efin.decoding.joint import joint_decode
 from efin.decoding.rescore import DEFAULT_RESCORE_WEIGHT, NBestRescorer
@@ -50,18 +49,6 @@ EXPORT_META_FILE = "efin_export.json"
 def speech_llm_from_artifact(artifact: dict, cache_dir: str | None = None) -> SpeechLLM:
     """The SpeechLLM of a loaded projector/llm artifact (:meth:`efin.handoff.SpeechLLMHandoff.build`)."""
     return SpeechLLMHandoff.from_artifact(artifact).build(cache_dir)
-
-
-def ctc_lm_from_sources(stored: dict | None, sources: list[str], min_count: int | None = None) -> dict:
-    """A word LM (a ``ctc_lm`` entry) built for this decoding from ``sources``
-    (:func:`efin.data.lm_text.lm_sentences`) instead of the stored one, with the stored one's order,
-    pruning (``min_count`` None) and decode settings (if any)."""
-    stored = stored or {"order": 3, "decode": {}}
-    min_count = stored.get("min_count", 1) if min_count is None else min_count
-    ctc_lm = build_ctc_lm(lm_sentences(sources), order=stored["order"], sources=list(sources), min_count=min_count,
-                          **stored["decode"])
-    log.info("word LM rebuilt from %s: %d words in its lexicon", ", ".join(sources), len(ctc_lm["words"]))
-    return ctc_lm
 
 
 class CTCRecognizer:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
 import torch
 
+from efin.data.lm_text import lm_sentences
 from efin.decoding.ngram import kneser_ney_arpa
 from efin.models.protocols import CharacterVocabulary
 from efin.text import normalize
 from efin.tokenizer import CTCVocab, vocab_from_state
+
+log = logging.getLogger(__name__)
 
 
 def load_ctc_head(state: dict, encoder_dim: int, device: str = "cpu") -> tuple[CTCVocab, torch.nn.Linear]:
@@ -128,6 +132,18 @@ def build_ctc_lm(
         "sources": list(sources or ["transcripts"]),
         "decode": {"beam_size": beam_size, "lm_weight": lm_weight, "word_score": word_score},
     }
+
+
+def ctc_lm_from_sources(stored: dict | None, sources: list[str], min_count: int | None = None) -> dict:
+    """A word LM (a ``ctc_lm`` entry) built for this decoding from ``sources``
+    (:func:`efin.data.lm_text.lm_sentences`) instead of the stored one, with the stored one's order,
+    pruning (``min_count`` None) and decode settings (if any)."""
+    stored = stored or {"order": 3, "decode": {}}
+    min_count = stored.get("min_count", 1) if min_count is None else min_count
+    ctc_lm = build_ctc_lm(lm_sentences(sources), order=stored["order"], sources=list(sources), min_count=min_count,
+                          **stored["decode"])
+    log.info("word LM rebuilt from %s: %d words in its lexicon", ", ".join(sources), len(ctc_lm["words"]))
+    return ctc_lm
 
 
 def lm_decoder(vocab, ctc_lm: dict, **overrides) -> CTCLexiconBeamSearch:
