@@ -12,6 +12,7 @@ import jiwer
 import pytest
 
 from efin.artifacts import load_artifact
+from tests.conftest import TRANSCRIPTS_LM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def test_two_process_cpu_ddp_trains_and_exports(tmp_path, shared_data_dir):
     cmd = [
         sys.executable, "-m", "efin.train", "data=tiny", "encoder=tiny", "logger=csv", "name=ddp",
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-        "trainer.max_epochs=1",
+        "trainer.max_epochs=1", TRANSCRIPTS_LM,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

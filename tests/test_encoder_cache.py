@@ -10,7 +10,7 @@ from omegaconf import open_dict
 from efin.models.encoder import Encoder
 from efin.models.encoder_cache import EncoderCache, encoder_fingerprint
 from efin.train import train
-from tests.conftest import compose_config
+from tests.conftest import TRANSCRIPTS_LM, compose_config
 
 TINY_ENCODER = dict(
     d_model=32, num_layers=1, num_heads=2, ffn_dim=64, conv_kernel=7, dropout=0.0, subsampling_channels=8
@@ -68,7 +68,7 @@ class Recorder(Callback):
 @pytest.fixture(scope="module")
 def encoder_root(tmp_path_factory, shared_data_dir):
     root = tmp_path_factory.mktemp("encoder_cache")
-    train(compose_config(["stage=encoder", *TINY, *SHORT], root, shared_data_dir))
+    train(compose_config(["stage=encoder", *TINY, *SHORT, TRANSCRIPTS_LM], root, shared_data_dir))
     return root
 
 

@@ -20,7 +20,7 @@ from omegaconf import open_dict
 from efin.artifacts import ArtifactError, load_artifact
 from efin.inference import load_recognizer
 from efin.train import train
-from tests.conftest import compose_config
+from tests.conftest import TRANSCRIPTS_LM, compose_config
 
 TINY = ["data=tiny", "encoder=tiny", "projector=tiny", "~logger", "trainer.max_epochs=1",
         "trainer.limit_train_batches=3", "~callbacks.progress_bar", "~callbacks.lr_monitor"]
@@ -71,7 +71,7 @@ def run_stage(root: Path, data_dir: Path, overrides: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, shared_data_dir):
     root = tmp_path_factory.mktemp("chain")
-    runs = {"encoder": run_stage(root, shared_data_dir, ["stage=encoder"])}
+    runs = {"encoder": run_stage(root, shared_data_dir, ["stage=encoder", TRANSCRIPTS_LM])}
     runs["projector_tiny"] = run_stage(root, shared_data_dir, ["stage=projector", "llm=tiny"])
     runs["llm_tiny"] = run_stage(root, shared_data_dir, ["stage=llm", "llm=tiny"])
     # the draft continues the tiny target's projector (conf/experiment/tiny_draft_projector.yaml)

@@ -9,7 +9,7 @@ import pytest
 import efin.checkpoints
 from efin.storage import StorageError, check_writable, storage_errors
 from efin.train import train
-from tests.conftest import compose_config
+from tests.conftest import TRANSCRIPTS_LM, compose_config
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT])
@@ -39,6 +39,7 @@ def test_full_disk_during_training_is_one_clear_error(tmp_path, shared_data_dir,
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(efin.checkpoints, "atomic_write", no_space)
-    cfg = compose_config(["data=tiny", "encoder=tiny", "~logger", "trainer.max_epochs=1"], tmp_path, shared_data_dir)
+    cfg = compose_config(["data=tiny", "encoder=tiny", "~logger", "trainer.max_epochs=1", TRANSCRIPTS_LM], tmp_path,
+                         shared_data_dir)
     with pytest.raises(StorageError, match="No space left on device.*EFIN_ROOT"):
         train(cfg)

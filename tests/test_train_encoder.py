@@ -12,9 +12,9 @@ from efin.artifacts import ArtifactError, load_artifact
 from efin.evaluate import evaluate
 from efin.inference import load_recognizer
 from efin.train import resolve_ckpt_path, train
-from tests.conftest import compose_config, with_values
+from tests.conftest import TRANSCRIPTS_LM, compose_config, with_values
 
-TINY = ["data=tiny", "encoder=tiny", "~logger", "trainer.max_epochs=1"]
+TINY = ["data=tiny", "encoder=tiny", "~logger", "trainer.max_epochs=1", TRANSCRIPTS_LM]
 
 
 @pytest.fixture(scope="module")
