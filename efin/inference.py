@@ -162,7 +162,8 @@ class SpeechLLMRecognizer:
     the CTC scores each step) and ``joint_label_bonus`` (added to the CTC log-probability per
     character, so it does not favour short tokens) and ``joint_lm_weight`` (0: off; > 0: the
     encoder stage's word LM also scores the hypotheses' finished words, with this weight and
-    ``joint_word_score`` per word, :mod:`efin.decoding.word_lm`). ``lm_sources``: the word LM
+    ``joint_word_score`` per word and ``joint_oov_score`` per word outside its vocabulary,
+    :mod:`efin.decoding.word_lm`). ``lm_sources``: the word LM
     of rescoring and joint decoding is built from these texts instead of the stored one (and
     ``lm_min_count``, as for :class:`CTCRecognizer`). Speculative decoding is greedy and
     lossless, so it excludes beam search, joint decoding and rescoring; joint decoding and
@@ -190,6 +191,7 @@ class SpeechLLMRecognizer:
         joint_label_bonus: float = 2.5,
         joint_lm_weight: float = 0.0,
         joint_word_score: float = 0.0,
+        joint_oov_score: float = 0.0,
         lm_sources: list[str] | None = None,
         lm_min_count: int | None = None,
     ):
@@ -202,7 +204,8 @@ class SpeechLLMRecognizer:
                    speculative=speculative, cache_dir=cache_dir, tokens_per_ctc_token=tokens_per_ctc_token,
                    trim_loops=trim_loops, ctc_weight=ctc_weight, joint_ctc=joint_ctc, joint_pre_beam=joint_pre_beam,
                    joint_label_bonus=joint_label_bonus, joint_lm_weight=joint_lm_weight,
-                   joint_word_score=joint_word_score, lm_sources=lm_sources, lm_min_count=lm_min_count)
+                   joint_word_score=joint_word_score, joint_oov_score=joint_oov_score, lm_sources=lm_sources,
+                   lm_min_count=lm_min_count)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
@@ -220,7 +223,8 @@ class SpeechLLMRecognizer:
         speculative: Mapping | None = None, cache_dir: str | None = None, draft_model=None,
         tokens_per_ctc_token: float | None = None, trim_loops: bool | None = None, ctc_weight: float = 0.0,
         joint_ctc: str = "projector", joint_pre_beam: int = 16, joint_label_bonus: float = 2.5,
-        joint_lm_weight: float = 0.0, joint_word_score: float = 0.0, lm_sources: list[str] | None = None,
+        joint_lm_weight: float = 0.0, joint_word_score: float = 0.0, joint_oov_score: float = 0.0,
+        lm_sources: list[str] | None = None,
         lm_min_count: int | None = None,
     ) -> None:
         self.model = model.to(device).eval()
@@ -251,7 +255,8 @@ class SpeechLLMRecognizer:
                 vocab, head = load_ctc_head(head_state, model.encoder.output_dim, device)
                 self.joint_options["text_ctc"] = TextCTC(head, vocab)
             if joint_lm_weight:
-                self.joint_options["word_lm"] = self._joint_word_lm(first_pass, joint_lm_weight, joint_word_score)
+                self.joint_options["word_lm"] = self._joint_word_lm(first_pass, joint_lm_weight, joint_word_score,
+                                                                    joint_oov_score)
         self.rescorer = None
         if rescore_nbest:
             self.rescorer = NBestRescorer(
@@ -275,7 +280,7 @@ class SpeechLLMRecognizer:
         return head
 
     @staticmethod
-    def _joint_word_lm(first_pass: dict | None, weight: float, word_score: float) -> WordLM:
+    def _joint_word_lm(first_pass: dict | None, weight: float, word_score: float, oov_score: float) -> WordLM:
         """The encoder stage's word LM for joint decoding (``decode.joint_lm_weight``)."""
         where = f"decode.joint_lm_weight={weight}"
         ctc_lm = (first_pass or {}).get("ctc_lm")
@@ -283,7 +288,7 @@ class SpeechLLMRecognizer:
             raise ArtifactError(f"{where}: this artifact or export carries no word LM of the encoder stage (trained "
                                 "without stage.module.lm); build one with decode.lm_sources=[...], or set "
                                 "decode.joint_lm_weight=0")
-        return WordLM.from_arpa(ctc_lm["arpa"], weight, word_score)
+        return WordLM.from_arpa(ctc_lm["arpa"], weight, word_score, oov_score)
 
     def _check_ctc_weight(self, ctc_weight: float, rescore_nbest: int, joint_ctc: str) -> float:
         """``decode.ctc_weight`` checked against the model and the other options."""

@@ -60,6 +60,12 @@ def test_finished_words_are_scored_and_a_misspelling_pays_at_once(lm):
     # final: every word and the end of the sentence
     final = bad + lm.log_prob(("<s>", "bad"), "cafe") + lm.log_prob(("bad", "cafe"), EOS)
     assert scores.score(_ids(tok, "bad cafe"), final=True) == pytest.approx(0.5 * final + 2.0)
+    # oov_score: once per word outside the vocabulary, finished or already impossible to finish
+    strict = WordLMScores(WordLM(lm, weight=0.5, word_score=1.0, oov_score=-3.0), tok)
+    assert strict.score(_ids(tok, "bad cg")) == pytest.approx(scores.score(_ids(tok, "bad cg")) - 3.0)
+    assert strict.score(_ids(tok, "bad cg"), final=True) == pytest.approx(
+        scores.score(_ids(tok, "bad cg"), final=True) - 3.0)
+    assert strict.score(_ids(tok, "bad ca")) == scores.score(_ids(tok, "bad ca"))
     # the search's matrix: each beam followed by each candidate, a stop's entry the beam's final score
     beams = [_ids(tok, "bad caf"), _ids(tok, "a")]
     cands = torch.tensor([*_ids(tok, "eg "), 0])

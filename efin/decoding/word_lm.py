@@ -2,10 +2,12 @@
 ends): the lexicon knowledge the character CTC lacks, so "athorrity" loses to "authority".
 
 Each hypothesis is detokenized and normalised (:func:`efin.text.normalize`); its finished words
-are scored by the n-gram, ``lm_weight x ln P(words) + word_score x len(words)``. A word is
-finished once a space or punctuation follows it; the word in progress costs nothing yet unless
-no word of the LM's vocabulary starts with it, in which case it pays the ``<unk>`` price at
-once (the price it would pay when finished), so a misspelling falls out of the beam early.
+are scored by the n-gram, ``lm_weight x ln P(words) + word_score x len(words) + oov_score x
+(words outside its vocabulary)``. A Kneser-Ney ``<unk>`` costs about what a rare word does, so
+``oov_score`` is what makes a misspelling lose to the word it misspells. A word is finished
+once a space or punctuation follows it; the word in progress costs nothing yet unless no word
+of the LM's vocabulary starts with it, in which case it pays the price of an unknown word at
+once (what it would pay when finished), so a misspelling falls out of the beam early.
 """
 
 from __future__ import annotations
@@ -25,19 +27,21 @@ class WordLM:
     lm: the n-gram (:class:`NgramLM`, e.g. of the artifact's ``ctc_lm["arpa"]``).
     weight: its log-probability's weight (natural log).
     word_score: added per finished word (counters the LM's preference for fewer words).
+    oov_score: added per word outside the LM's vocabulary (<= 0).
     """
 
     lm: NgramLM
     weight: float = 0.5
     word_score: float = 0.0
+    oov_score: float = 0.0
     prefixes: set[str] = field(init=False, repr=False)
 
     def __post_init__(self):
         self.prefixes = {w[:i] for w in self.lm.vocab for i in range(1, len(w) + 1)}
 
     @classmethod
-    def from_arpa(cls, arpa: str, weight: float = 0.5, word_score: float = 0.0) -> WordLM:
-        return cls(NgramLM(arpa), weight, word_score)
+    def from_arpa(cls, arpa: str, weight: float = 0.5, word_score: float = 0.0, oov_score: float = 0.0) -> WordLM:
+        return cls(NgramLM(arpa), weight, word_score, oov_score)
 
 
 class WordLMScores:
@@ -50,7 +54,7 @@ class WordLMScores:
 
     def __init__(self, word_lm: WordLM, tokenizer):
         self.word_lm, self.tokenizer = word_lm, tokenizer
-        self._cache: dict[tuple[str, ...], float] = {(): 0.0}  # finished words -> lm_weight-free ln P
+        self._cache: dict[tuple[str, ...], float] = {(): 0.0}  # finished words -> their unweighted score
 
     def _words(self, tokens: list[int], final: bool) -> tuple[tuple[str, ...], str]:
         """(finished words, the word in progress) of ``tokens``' text: all words are finished when
@@ -61,10 +65,14 @@ class WordLMScores:
         words = normalize(text + "x").split()
         return tuple(words[:-1]), words[-1][:-1]
 
-    def _log_prob(self, words: tuple[str, ...]) -> float:
-        """ln P(<s> words) under the n-gram, without the end of sentence."""
+    def _unweighted(self, words: tuple[str, ...]) -> float:
+        """ln P(<s> words) under the n-gram (no end of sentence), plus ``oov_score / weight`` per unknown word."""
         if words not in self._cache:
-            self._cache[words] = self._log_prob(words[:-1]) + self.word_lm.lm.log_prob((BOS, *words[:-1]), words[-1])
+            lm = self.word_lm
+            last = lm.lm.log_prob((BOS, *words[:-1]), words[-1])
+            if words[-1] not in lm.lm.vocab:
+                last += lm.oov_score / lm.weight
+            self._cache[words] = self._unweighted(words[:-1]) + last
         return self._cache[words]
 
     def score(self, tokens: list[int], final: bool = False) -> float:
@@ -72,12 +80,12 @@ class WordLMScores:
         when ``final``), plus the ``<unk>`` price of a word in progress no vocabulary word starts with."""
         words, partial = self._words(tokens, final)
         lm = self.word_lm
-        log_prob = self._log_prob(words)
+        score = self._unweighted(words)
         if final:
-            log_prob += lm.lm.log_prob((BOS, *words), EOS)
+            score += lm.lm.log_prob((BOS, *words), EOS)
         elif partial and partial not in lm.prefixes:
-            log_prob += lm.lm.log_prob((BOS, *words), UNK)
-        return lm.weight * log_prob + lm.word_score * len(words)
+            score += lm.lm.log_prob((BOS, *words), UNK) + lm.oov_score / lm.weight
+        return lm.weight * score + lm.word_score * len(words)
 
     def scores(self, beam_tokens: list[list[int]], cand_ids: torch.Tensor, is_stop: torch.Tensor) -> torch.Tensor:
         """(k, W) score of each beam followed by each candidate token (a stop: the beam's final score)."""
