@@ -1,6 +1,6 @@
 """Run the whole EFIN chain for the target LLM and its draft, then score every artifact on test.
 
-    python -m efin.pipeline budget=quickstart      # the whole chain sized to ~15 min on 2 CPU cores (a first look)
+    python -m efin.pipeline budget=quickstart      # the whole chain in 10-20 min on 2 CPU cores (a first look)
     python -m efin.pipeline                        # (= scripts/run_pipeline.py) defaults: encoder once, then
                                                    # projector + llm for smollm2 and smollm2_draft (see README
                                                    # Results for its time)
