@@ -143,15 +143,14 @@ class NgramLM:
             if line.startswith("\\") and line.endswith("-grams:"):
                 order = int(line[1:-len("-grams:")])
                 continue
-            fields = line.split("\t") if "\t" in line else line.split()
-            if order == 0 or len(fields) < 2:
+            fields = line.split()  # log10 P, the n-gram's words, then its backoff if it has one
+            if order == 0 or len(fields) < 1 + order:
                 raise ValueError(f"not an ARPA n-gram line: {line[:80]!r}")
-            ngram = tuple(fields[1].split()) if "\t" in line else tuple(fields[1 : 1 + order])
+            ngram = tuple(fields[1 : 1 + order])
             self.prob[ngram] = float(fields[0])
-            rest = fields[2:] if "\t" in line else fields[1 + order :]
-            if rest:
-                self.backoff[ngram] = float(rest[0])
-            self.order = order
+            if len(fields) > 1 + order:
+                self.backoff[ngram] = float(fields[1 + order])
+        self.order = order
         if not self.prob:
             raise ValueError("the ARPA text holds no n-grams")
         self.vocab = {g[0] for g in self.prob if len(g) == 1} - {BOS, EOS, UNK}  # the words it knows

@@ -3,8 +3,9 @@ ends): the lexicon knowledge the character CTC lacks, so "athorrity" loses to "a
 
 Each hypothesis is detokenized and normalised (:func:`efin.text.normalize`); its finished words
 are scored by the n-gram, ``lm_weight x ln P(words) + word_score x len(words) + oov_score x
-(words outside its vocabulary)``. A Kneser-Ney ``<unk>`` costs about what a rare word does, so
-``oov_score`` is what makes a misspelling lose to the word it misspells. A word is finished
+(words outside its vocabulary)``. A Kneser-Ney ``<unk>`` costs about what a rare word does;
+``oov_score`` can make an unknown word cost more (on chain c6's dev set it did not help, README
+Results). A word is finished
 once a space or punctuation follows it; the word in progress costs nothing yet unless no word
 of the LM's vocabulary starts with it, in which case it pays the price of an unknown word at
 once (what it would pay when finished), so a misspelling falls out of the beam early.
