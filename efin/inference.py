@@ -29,6 +29,7 @@ from efin.decoding.speculative import SpeculativeConfig, SpeculativeDecoder, Utt
 from efin.decoding.text_ctc import TextCTC
 from efin.decoding.word_lm import WordLM
 from efin.handoff import Part, SpeechLLMHandoff, build_encoder
+from efin.models.cpu_linear import for_decoding
 from efin.models.ctc import CTCModel
 from efin.models.llm_state import merge_lora
 from efin.models.speech_llm import SpeechLLM
@@ -167,7 +168,9 @@ class SpeechLLMRecognizer:
     of rescoring and joint decoding is built from these texts instead of the stored one (and
     ``lm_min_count``, as for :class:`CTCRecognizer`). Speculative decoding is greedy and
     lossless, so it excludes beam search, joint decoding and rescoring; joint decoding and
-    rescoring exclude each other (two different second opinions on the LLM). After each
+    rescoring exclude each other (two different second opinions on the LLM). ``cpu_linear``: on
+    CPU the LLM's (and a draft's) linear layers compute in the faster matmul forms of
+    :mod:`efin.models.cpu_linear` (False: plain ``nn.Linear``). After each
     :meth:`transcribe`, ``last_stats`` holds the per-utterance
     :class:`~efin.decoding.speculative.UtteranceStats` (empty when not speculative).
     """
@@ -194,6 +197,7 @@ class SpeechLLMRecognizer:
         joint_oov_score: float = 0.0,
         lm_sources: list[str] | None = None,
         lm_min_count: int | None = None,
+        cpu_linear: bool = True,
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
         model = handoff.build(cache_dir)
@@ -205,7 +209,7 @@ class SpeechLLMRecognizer:
                    trim_loops=trim_loops, ctc_weight=ctc_weight, joint_ctc=joint_ctc, joint_pre_beam=joint_pre_beam,
                    joint_label_bonus=joint_label_bonus, joint_lm_weight=joint_lm_weight,
                    joint_word_score=joint_word_score, joint_oov_score=joint_oov_score, lm_sources=lm_sources,
-                   lm_min_count=lm_min_count)
+                   lm_min_count=lm_min_count, cpu_linear=cpu_linear)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
@@ -226,8 +230,10 @@ class SpeechLLMRecognizer:
         joint_lm_weight: float = 0.0, joint_word_score: float = 0.0, joint_oov_score: float = 0.0,
         lm_sources: list[str] | None = None,
         lm_min_count: int | None = None,
+        cpu_linear: bool = True,
     ) -> None:
-        self.model = model.to(device).eval()
+        self.model = for_decoding(model, device, cpu_linear)
+        self.cpu_linear = cpu_linear
         if lm_sources:
             stored = (first_pass or {}).get("ctc_lm")
             first_pass = {**(first_pass or {}), "ctc_lm": ctc_lm_from_sources(stored, lm_sources, lm_min_count)}
@@ -347,7 +353,7 @@ class SpeechLLMRecognizer:
                     load_artifact(draft, expected_stage=("projector", "llm"), hint=hint)
                 )
                 draft_model = handoff.build(cache_dir)
-            built = draft_model.to(self.device).eval()
+            built = for_decoding(draft_model, self.device, self.cpu_linear)
         self.speculative_config = SpeculativeConfig(draft=str(draft), **options)
         self.speculative = SpeculativeDecoder.from_config(self.model, self.speculative_config, draft=built)
         if built is not None:

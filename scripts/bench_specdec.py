@@ -8,10 +8,13 @@ Rows (each decodes every utterance at batch size 1; a row whose draft is missing
     recycle         + draft recycling
     specasr         + two-pass sparse token tree (full SpecASR)
     ctc             the target's CTC projector as the draft, whole sequence, naive realignment
+    ctc_k{K}        the same, chunks of at most K tokens (--ctc-ks)
     ctc_conf        + per-token CTC confidence caps each chunk (--ctc-threshold)
     ctc_recycle     + realignment of the CTC sequence to what the target wrote
     ctc_tree        + alternatives / skip branches from the CTC posteriors (sparse tree)
     bound           one teacher-forced target pass over prompt + AR transcript (a perfect draft)
+    ar_nn_linear    AR greedy with the LLM's linear layers as plain nn.Linear (only when named in
+                    --rows; every other row uses efin.models.cpu_linear on CPU, as efin.evaluate)
 
 Rows are timed *interleaved*: for each utterance every row runs in turn, so load from other
 processes hits all alike. Columns: end-to-end latency per utterance (ms, mean), speedup over AR
@@ -64,28 +67,34 @@ def rows_for(args, target, draft) -> dict[str, tuple[object, DraftPolicy]]:
     if target.has_ctc:
         whole = max(args.ctc_max_draft, 1)
         rows["ctc"] = ("ctc", DraftPolicy(max_draft=whole))
+        for k in args.ctc_ks:
+            rows[f"ctc_k{k}"] = ("ctc", DraftPolicy(max_draft=k))
         conf = dict(max_draft=whole, adaptive=True, threshold=args.ctc_threshold)
         rows["ctc_conf"] = ("ctc", DraftPolicy(**conf))
         rows["ctc_recycle"] = ("ctc", DraftPolicy(**conf, recycle=True))
         rows["ctc_tree"] = ("ctc", DraftPolicy(**conf, recycle=True, tree=True, tree_threshold=args.tree_threshold,
                                                tree_top_k=args.tree_top_k, tree_budget=max(args.tree_budget, whole)))
     rows["bound"] = ("oracle", DraftPolicy(max_draft=10_000))
+    if args.rows and "ar_nn_linear" in args.rows:
+        rows["ar_nn_linear"] = ("nn_linear", DraftPolicy(max_draft=0))
     if args.rows:
         rows = {k: v for k, v in rows.items() if k in args.rows or k == "ar"}
     return rows
 
 
-def run(target, draft, utterances, args) -> dict:
-    """Decode every utterance with every row, interleaved; returns the JSON-ready results."""
+def run(target, draft, utterances, args, plain_target=None) -> dict:
+    """Decode every utterance with every row, interleaved; returns the JSON-ready results.
+    ``plain_target``: the target with plain nn.Linear layers, for the ``ar_nn_linear`` row."""
     rows = rows_for(args, target, draft)
     oracle_next: list[list[int]] = []
     decoders = {}
     for name, (d, policy) in rows.items():
         if d == "oracle":  # replays AR's output (set just before each call)
-            drafter = SequenceDrafter(policy, lambda ctx: oracle_next[0])
+            decoders[name] = SpeculativeDecoder(target, SequenceDrafter(policy, lambda ctx: oracle_next[0]))
+        elif d == "nn_linear":
+            decoders[name] = SpeculativeDecoder(plain_target, make_drafter(plain_target, None, policy))
         else:
-            drafter = make_drafter(target, d, policy)
-        decoders[name] = SpeculativeDecoder(target, drafter)
+            decoders[name] = SpeculativeDecoder(target, make_drafter(target, d, policy))
     stats = {name: [] for name in rows}
     tokens = {name: [] for name in rows}
     texts = {name: [] for name in rows}
@@ -152,14 +161,16 @@ def print_table(results: dict, title: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_models(args):
+def load_models(args, cpu_linear: bool = True):
+    """(target, draft or None, featurizer), built as ``efin.evaluate`` builds them (``cpu_linear``:
+    see :mod:`efin.models.cpu_linear`)."""
     from efin.inference import load_recognizer
 
-    recognizer, featurizer = load_recognizer(args.target, cache_dir=args.cache_dir)
+    recognizer, featurizer = load_recognizer(args.target, cache_dir=args.cache_dir, cpu_linear=cpu_linear)
     target = recognizer.model.eval()
     draft = None
     if args.draft:
-        draft = load_recognizer(args.draft, cache_dir=args.cache_dir)[0].model.eval()
+        draft = load_recognizer(args.draft, cache_dir=args.cache_dir, cpu_linear=cpu_linear)[0].model.eval()
     return target, draft, featurizer
 
 
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tree-top-k", type=int, default=1, help="tree: alternatives per weak position")
     parser.add_argument("--tree-budget", type=int, default=16, help="tree: most nodes per target forward")
     parser.add_argument("--ctc-max-draft", type=int, default=64, help="CTC rows: longest chunk verified at once")
+    parser.add_argument("--ctc-ks", type=int, nargs="*", default=[], help="extra CTC rows ctc_kK: chunks of at most K")
     parser.add_argument(
         "--ctc-threshold", type=float, default=0.5, help="CTC rows: chunk ends after a token below this"
     )
@@ -242,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     results = {"config": dict(vars(args).items()), "machine": platform.platform(), "sets": {}}
+    plain_target = None
     with torch.inference_mode():
         if args.tiny:
             target, draft = tiny_models()
@@ -250,12 +263,14 @@ def main(argv: list[str] | None = None) -> dict:
             if not args.target or not args.manifests:
                 parser.error("--target and --manifests are required (or --tiny)")
             target, draft, featurizer = load_models(args)
+            if args.rows and "ar_nn_linear" in args.rows:
+                plain_target = load_models(argparse.Namespace(**{**vars(args), "draft": None}), cpu_linear=False)[0]
             sets = {Path(m).stem: manifest_utterances(m, featurizer, args.limit) for m in args.manifests}
             for m in args.noisy:
                 name = f"{Path(m).stem}_snr{args.noise_snr_db:g}"
                 sets[name] = manifest_utterances(m, featurizer, args.noisy_limit or args.limit, args.noise_snr_db)
         for name, utts in sets.items():
-            results["sets"][name] = run(target, draft, utts, args)
+            results["sets"][name] = run(target, draft, utts, args, plain_target)
             print_table(results["sets"][name], name)
             Path(args.out).write_text(json.dumps(results, indent=1))  # after every set: keep what was measured
     print(f"\nwrote {args.out}")
