@@ -425,8 +425,8 @@ def test_summary_adds_up(target, batch, greedy):
 
 
 def test_config():
-    cfg = SpeculativeConfig(draft="ctc", max_draft=7, recycle=True)
-    assert cfg.policy == DraftPolicy(max_draft=7, recycle=True)
+    cfg = SpeculativeConfig(draft="ctc", max_draft=7, recycle=False)
+    assert cfg.policy == DraftPolicy(max_draft=7, adaptive=True)  # decode.speculative's defaults: adaptive, recycle
     with pytest.raises(ValueError):
         DraftPolicy(threshold=1.5)
     with pytest.raises(ValueError):
