@@ -11,13 +11,13 @@ from torch import nn
 
 from efin.decoding.generate import decode as llm_decode
 from efin.decoding.speculative import SpeculativeDecoder, make_drafter
-from efin.models.cpu_linear import CPULinear, for_decoding, use_cpu_linear
+from efin.models.cpu_linear import MAX_ROWS, CPULinear, for_decoding, use_cpu_linear
 from tests.conftest import padded_feature_batch
 from tests.test_speculative import MAX_NEW, _target
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 7), (2, 7), (5, 7), (2, 3, 7), (1, 1, 7)])
+@pytest.mark.parametrize("shape", [(1, 7), (2, 7), (5, 7), (2, 3, 7), (1, 1, 7), (MAX_ROWS + 1, 7)])
 def test_forward_equals_linear(shape, bias):
     torch.manual_seed(0)
     linear = nn.Linear(7, 11, bias=bias)

@@ -23,9 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Above this many rows (a batched prompt prefill) ``F.linear`` is as fast or faster again:
+#: 68 against 84 ms for SmolLM2's 576 -> 1536 projection at 4,096 rows, equal at 1,024.
+MAX_ROWS = 1024
+
 
 class CPULinear(nn.Linear):
-    """``nn.Linear`` whose no-grad CPU forward uses the faster matmul form for its row count.
+    """``nn.Linear`` whose no-grad CPU forward uses the faster matmul form for 1 to
+    :data:`MAX_ROWS` rows.
 
     Buffers: ``weight_t`` (in_features, out_features), a contiguous copy of ``weight.T``
     (not saved in the state dict).
@@ -45,9 +50,9 @@ class CPULinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features)."""
-        if x.device.type != "cpu" or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)
+        if x.device.type != "cpu" or torch.is_grad_enabled() or rows.shape[0] > MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
         out = rows @ self.weight_t if rows.shape[0] == 1 else (self.weight @ rows.T).T
         if self.bias is not None:
             out = out + self.bias
