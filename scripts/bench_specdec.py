@@ -92,7 +92,8 @@ def run(target, draft, utterances, args, plain_target=None) -> dict:
         if d == "oracle":  # replays AR's output (set just before each call)
             decoders[name] = SpeculativeDecoder(target, SequenceDrafter(policy, lambda ctx: oracle_next[0]))
         elif d == "nn_linear":
-            decoders[name] = SpeculativeDecoder(plain_target, make_drafter(plain_target, None, policy))
+            plain = plain_target or target  # --tiny: the tiny models are never swapped
+            decoders[name] = SpeculativeDecoder(plain, make_drafter(plain, None, policy))
         else:
             decoders[name] = SpeculativeDecoder(target, make_drafter(target, d, policy))
     stats = {name: [] for name in rows}
