@@ -27,9 +27,10 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from efin.artifacts import load_artifact
-from efin.data.audio import LogMel
+from efin.data.audio import featurizer_from_config
 from efin.handoff import Part, SpeechLLMHandoff, assemble, build_encoder, build_projector
 from efin.inference import DRAFT_KEYWORDS, EXPORT_META_FILE, SpeechLLMRecognizer
 from efin.models.draft import SubsetHeadLM
@@ -107,7 +108,7 @@ def is_export(directory: str | Path) -> bool:
 
 def load_export(
     directory: str | Path, device: str = "cpu", speculative: dict | None = None, **options
-) -> tuple[SpeechLLMRecognizer, LogMel]:
+) -> tuple[SpeechLLMRecognizer, nn.Module]:
     """Rebuild ``(recognizer, featurizer)`` from an :func:`export` directory.
 
     ``options``: decoding options of :class:`~efin.inference.SpeechLLMRecognizer`
@@ -136,7 +137,7 @@ def load_export(
         if draft not in DRAFT_KEYWORDS:  # a trained draft is another export
             options["draft_model"] = load_export(draft, device=device)[0].model
         options["speculative"] = dict(speculative)
-    return SpeechLLMRecognizer.from_model(model, device=device, **options), LogMel(**meta["features"])
+    return SpeechLLMRecognizer.from_model(model, device=device, **options), featurizer_from_config(meta["features"])
 
 
 def main() -> None:

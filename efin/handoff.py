@@ -10,7 +10,7 @@ trains (called from the stage's ``configure_model``).
 
 An artifact never holds the pretrained LLM, only its build spec and the weights a rebuild cannot
 reproduce (:mod:`efin.models.llm_state`). The feature frame rate comes from the featurizer
-(:class:`~efin.data.audio.LogMel`) the artifact's ``features`` describe.
+(:func:`~efin.data.audio.featurizer_from_config`) the artifact's ``features`` describe.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch import nn
 
 from efin.artifacts import FIRST_PASS_KEYS, ArtifactError
-from efin.data.audio import LogMel
+from efin.data.audio import featurizer_from_config
 from efin.models.draft import draft_vocab
 from efin.models.encoder import Encoder
 from efin.models.llm import ADAPTERS
@@ -69,9 +70,21 @@ def differences(a: dict, b: dict, ignore: frozenset = frozenset()) -> dict:
     return {k: (a.get(k), b.get(k)) for k in sorted((set(a) | set(b)) - ignore) if a.get(k) != b.get(k)}
 
 
+def check_features(encoder: nn.Module, features: dict) -> None:
+    """Raise when the data's featurizer (``features``, its config) is not what ``encoder`` reads."""
+    wanted, have = getattr(encoder, "features", "logmel"), features.get("kind", "logmel")
+    if wanted != have:
+        raise ArtifactError(f"the encoder reads {wanted} features, the data makes {have}: set data.features={wanted}")
+    if features["n_mels"] != encoder.input_dim:
+        raise ArtifactError(
+            f"the encoder takes {encoder.input_dim} mel bins, the data makes {features['n_mels']}: "
+            f"set data.n_mels={encoder.input_dim}"
+        )
+
+
 def frames_per_second(features: dict) -> float:
     """Feature frames per second of audio of the featurizer that ``features`` (its config) describes."""
-    return LogMel(**features).frames_per_second
+    return featurizer_from_config(features).frames_per_second
 
 
 @dataclass(frozen=True)
@@ -123,9 +136,10 @@ def _replace_key(node, key: str, value):
     return node
 
 
-def build_encoder(part: Part) -> Encoder:
-    """An encoder rebuilt from a stored part (strict loading)."""
-    encoder = Encoder(**part.config)
+def build_encoder(part: Part) -> nn.Module:
+    """An encoder rebuilt from a stored part (strict loading): a ``_target_`` node (e.g. a
+    pretrained Whisper's shape), or the Conformer :class:`Encoder`'s kwargs."""
+    encoder = instantiate(part.config) if "_target_" in part.config else Encoder(**part.config)
     encoder.load_state_dict(part.state_dict, strict=True)
     return encoder
 
@@ -154,7 +168,7 @@ class SpeechLLMHandoff:
         encoder, projector: stored components; llm: :class:`LLMPart`.
         prompt: the prompt builder node (``_target_``, built with ``tokenizer=``).
         generation: SpeechLLM decoding defaults (tokens_per_second, extra_tokens, num_beams, length_penalty).
-        features: the featurizer's config (:class:`~efin.data.audio.LogMel` kwargs).
+        features: the featurizer's config (:func:`~efin.data.audio.featurizer_from_config`).
         first_pass: the encoder stage's ``ctc_head`` and ``ctc_lm``, carried on while the
             encoder stays frozen (n-best rescoring); empty when not carried.
     """
@@ -320,10 +334,11 @@ class SpeechLLMStart:
         return assemble(encoder, projector, llm, tokenizer, self.llm_node["prompt"], self.llm_node["generation"],
                         self.features)
 
-    def _build_encoder(self, features: dict, feature_stats) -> Encoder:
+    def _build_encoder(self, features: dict, feature_stats) -> nn.Module:
         encoder = instantiate(self.encoder_node)
         if self.artifact is None:
             log.warning("No init_from artifact: the encoder starts untrained (EFIN expects stage=encoder first).")
+            check_features(encoder, features)
             if feature_stats is not None:
                 encoder.set_feature_stats(*feature_stats())
             self.features = dict(features)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from efin.artifacts import FIRST_PASS_KEYS, ArtifactError, load_artifact
-from efin.data.audio import LogMel
+from efin.data.audio import featurizer_from_config
 from efin.decoding.ctc import ctc_greedy, ctc_lm_from_sources, lm_decoder, load_ctc_head
 from efin.decoding.generate import detokenize, generate
 from efin.decoding.joint import joint_decode
@@ -417,4 +417,4 @@ def load_recognizer(path: str | Path, device: str = "cpu", hint: str = "", **opt
             f"its options are {sorted(known)}"
         )
     recognizer = cls(artifact, device=device, **options)
-    return recognizer, LogMel(**artifact["features"])
+    return recognizer, featurizer_from_config(artifact["features"])

@@ -88,8 +88,6 @@ class LogMel(nn.Module):
 
     def __init__(self, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, win_ms: float = 25, hop_ms: float = 10):
         super().__init__()
-        # Constructor arguments, stored in artifacts so decoding rebuilds identical features.
-        self.config = dict(n_mels=n_mels, sample_rate=sample_rate, win_ms=win_ms, hop_ms=hop_ms)
         win = int(round(sample_rate * win_ms / 1000))
         self.hop_length = int(round(sample_rate * hop_ms / 1000))
         self.n_mels = n_mels
@@ -111,6 +109,62 @@ class LogMel(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         spec = self.mel(wave)  # (..., n_mels, frames)
         return torch.log(spec + LOG_EPS).transpose(-1, -2).contiguous()
+
+
+class WhisperLogMel(nn.Module):
+    """Whisper's log-mel features (what OpenAI's Whisper encoders were trained on).
+
+    25 ms Hann window, 10 ms hop, Slaney mel filters up to 8 kHz, ``log10`` clamped to 8 below
+    the utterance's maximum, then ``(x + 4) / 4``: the same numbers as ``transformers``'
+    ``WhisperFeatureExtractor`` without its padding to 30 s (so the maximum is the utterance's).
+
+    Args:
+        n_mels: mel bins (80; 128 for large-v3 checkpoints).
+        sample_rate: Hz of the input waveform (Whisper: 16 kHz).
+
+    ``forward(wave)``: (T,) waveform -> (T // 160, n_mels) features at 100 frames/s.
+    """
+
+    n_fft = 400
+    hop_length = 160
+
+    def __init__(self, n_mels: int = 80, sample_rate: int = SAMPLE_RATE):
+        super().__init__()
+        # Stored in artifacts; ``kind`` tells featurizer_from_config which class to rebuild.
+        self.config = dict(kind="whisper", n_mels=n_mels, sample_rate=sample_rate)
+        self.n_mels, self.sample_rate = n_mels, sample_rate
+        filters = torchaudio.functional.melscale_fbanks(
+            self.n_fft // 2 + 1, 0.0, 8000.0, n_mels, sample_rate, norm="slaney", mel_scale="slaney"
+        )  # (freq bins, n_mels)
+        self.register_buffer("filters", filters.T.contiguous(), persistent=False)
+        self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for a waveform of ``num_samples`` samples."""
+        return num_samples // self.hop_length
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        stft = torch.stft(wave, self.n_fft, self.hop_length, window=self.window, return_complex=True)
+        power = stft[..., :-1].abs() ** 2  # (freq, frames): the last centred frame dropped, as Whisper does
+        log_mel = (self.filters @ power).clamp_min(1e-10).log10()  # (n_mels, frames)
+        log_mel = torch.maximum(log_mel, log_mel.max() - 8.0)
+        return ((log_mel + 4.0) / 4.0).T.contiguous()
+
+
+FEATURIZERS = {"logmel": LogMel, "whisper": WhisperLogMel}
+
+
+def featurizer_from_config(config: dict) -> LogMel | WhisperLogMel:
+    """The featurizer a stored ``features`` config describes (``kind`` absent: :class:`LogMel`)."""
+    config = dict(config)
+    kind = config.pop("kind", "logmel")
+    if kind not in FEATURIZERS:
+        raise ValueError(f"unknown feature kind {kind!r}; one of {sorted(FEATURIZERS)}")
+    return FEATURIZERS[kind](**config)
 
 
 def feature_stats(feature_iter: Iterable[torch.Tensor], std_floor: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:

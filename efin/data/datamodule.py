@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from efin.data.audio import LogMel, feature_stats
+from efin.data.audio import FEATURIZERS, feature_stats
 from efin.data.augment import FeatureAugment, WaveAugment
 from efin.data.dataset import SpeechDataset, collate
 from efin.data.manifest import Utterance, decode_check, load_manifest
@@ -56,6 +56,8 @@ class SpeechDataModule(L.LightningDataModule):
         val_max_batch_seconds: seconds per validation/test batch (no gradients, so it can be
             larger); None uses ``max_batch_seconds``.
         n_mels: log-mel bins (the encoder's input dimension).
+        features: ``logmel`` (:class:`~efin.data.audio.LogMel`, efin's own encoders) or
+            ``whisper`` (:class:`~efin.data.audio.WhisperLogMel`, pretrained Whisper encoders).
         check_audio: decode every audio file once while validating manifests (catches
             missing, corrupt and truncated files and wrong durations before training starts).
         audio_check_cache: directory caching those decode results by path + size + mtime (a
@@ -81,6 +83,7 @@ class SpeechDataModule(L.LightningDataModule):
         prepare: Callable[[], Any] | None = None,
         val_max_batch_seconds: float | None = None,
         n_mels: int = 80,
+        features: str = "logmel",
         check_audio: bool = True,
         drop_last: bool = False,
         max_bucket_ratio: float = 1.3,
@@ -110,7 +113,9 @@ class SpeechDataModule(L.LightningDataModule):
         self.audio_check_cache = audio_check_cache
         self.drop_last = bool(drop_last)
         self.max_bucket_ratio = float(max_bucket_ratio)
-        self.featurizer = LogMel(n_mels=self.n_mels)
+        if features not in FEATURIZERS:
+            raise ValueError(f"data.features={features!r}: one of {sorted(FEATURIZERS)}")
+        self.featurizer = FEATURIZERS[features](n_mels=self.n_mels)
         self._utterances: dict[str, list[Utterance]] = {}
         self._train_sampler: DurationBucketSampler | None = None
         self._train_sampler_state: dict | None = None  # from a checkpoint, for the next train sampler

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 
 from efin.data.lm_text import lm_sentences
 from efin.decoding.ctc import build_ctc_lm, ctc_greedy, lm_decoder
-from efin.handoff import plain
+from efin.handoff import check_features, plain
 from efin.models.ctc import CTCModel
 from efin.models.encoder import Encoder
 from efin.models.protocols import CharacterVocabulary
@@ -67,6 +67,7 @@ class CTCStage(pl.LightningModule):
         texts = [u.text for u in dm.train_utterances] if stage == "fit" else []
         self.vocab = build_vocab(self.hparams.vocab, texts, self.hparams.sentencepiece_size)
         self.model = CTCModel(self.encoder, self.vocab.size)
+        check_features(self.encoder, dm.featurizer.config)
         if stage == "fit":
             mean, std = dm.feature_stats(self.hparams.feature_stats_utterances)
             self.encoder.set_feature_stats(mean, std)
