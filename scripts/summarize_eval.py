@@ -1,6 +1,7 @@
 """Markdown table of a chain's test-set decodings (what scripts/eval_chain.sh writes).
 
     python scripts/summarize_eval.py c6      # reads outputs/c6/eval/<decoding>/<test set>.*
+    python scripts/summarize_eval.py c6 eval100   # outputs/c6/eval100/ (eval_chain.sh's EVAL_DIR)
 
 Columns: CER / WER per test set, real-time factor, and how many hypotheses have more than 3x
 their reference's words (runaway output).
@@ -25,8 +26,8 @@ def runaway(hyps: Path) -> int:
     return sum(len(r["hyp"].split()) > 3 * max(len(r["ref"].split()), 1) for r in rows)
 
 
-def main(name: str) -> None:
-    root = Path("outputs") / name / "eval"
+def main(name: str, eval_dir: str = "eval") -> None:
+    root = Path("outputs") / name / eval_dir
     print("| decoding | " + " | ".join(f"{s} CER / WER" for s in SETS) + " | RTF | > 3x ref words |")
     print("|---|" + "---|" * (len(SETS) + 2))
     for label in DECODINGS:
@@ -44,4 +45,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "default")
+    main(*(sys.argv[1:3] or ["default"]))
