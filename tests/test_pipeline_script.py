@@ -73,3 +73,14 @@ def test_eval_only_runs_no_training(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [line.split(" -m ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("+ ")]
     assert lines and all(line.startswith("efin.evaluate") for line in lines)
+
+
+def test_encoder_choice_reaches_every_training_stage(tmp_path):
+    """`python -m efin.pipeline encoder=hf` (README): each stage needs the same encoder option;
+    evaluations rebuild the encoder from the artifacts and take none."""
+    proc = pipeline(["--dry-run", "name=exp", "encoder=hf"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split(" -m ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    trains = [line for line in lines if line.startswith("efin.train")]
+    assert len(trains) == 5 and all("encoder=hf" in line for line in trains)
+    assert not any("encoder=hf" in line for line in lines if line.startswith("efin.evaluate"))
