@@ -319,9 +319,11 @@ class SpeechLLMRecognizer:
     def _init_speculative(self, options: dict, cache_dir: str | None, draft_model) -> None:
         """Build the speculative decoder from ``decode.speculative`` (draft already resolved)."""
         draft = options.pop("draft", None)
+        beams = self.model.num_beams if self.options["num_beams"] is None else self.options["num_beams"]
         if draft == "auto":  # transcribe's default: free and lossless when the target has a CTC projector
-            # and decodes greedily; joint decoding asked for something else
-            draft = "ctc" if self.model.has_ctc and not self.ctc_weight else None
+            # and decodes greedily; joint decoding, rescoring or beam search asked for something else
+            greedy = not self.ctc_weight and self.rescorer is None and beams == 1
+            draft = "ctc" if self.model.has_ctc and greedy else None
         if draft is None:
             return
         where = f"decode.speculative.draft={draft}"
@@ -334,7 +336,6 @@ class SpeechLLMRecognizer:
                 f"{where}: speculative decoding generates greedily; it cannot be combined with n-best "
                 "rescoring (decode.rescore_nbest). Set decode.rescore_nbest=null or decode.speculative.draft=null."
             )
-        beams = self.model.num_beams if self.options["num_beams"] is None else self.options["num_beams"]
         if beams != 1:
             raise ValueError(f"{where}: speculative decoding is lossless against greedy decoding, not beam search "
                              f"(num_beams={beams}). Set decode.num_beams=1 or decode.speculative.draft=null.")

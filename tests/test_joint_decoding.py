@@ -305,6 +305,8 @@ def test_recognizer_option_decodes_jointly(model, batch):
                                          speculative={"draft": "auto"})  # transcribe's default: off here
     assert rec.speculative is None
     assert SpeechLLMRecognizer.from_model(model, speculative={"draft": "auto"}).speculative is not None  # unchanged
+    beam = SpeechLLMRecognizer.from_model(model, num_beams=2, speculative={"draft": "auto"})
+    assert beam.speculative is None  # beam search asked for: auto steps aside instead of refusing
     expected = detokenize(model, joint_decode(model, feats, lens, ctc_weight=0.3, num_beams=2, max_new_tokens=MAX_NEW))
     assert rec.transcribe(feats, lens) == expected
 
