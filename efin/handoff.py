@@ -39,7 +39,7 @@ from efin.models.llm_state import (
     llm_identity,
     load_handoff_state,
 )
-from efin.models.protocols import TokenCTC
+from efin.models.protocols import TokenCTC, TranscriptInput
 from efin.models.speech_llm import SpeechLLM
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,8 @@ def build_projector(part: Part):
 
 def assemble(encoder, projector, llm, tokenizer, prompt: dict, generation: dict, features: dict) -> SpeechLLM:
     """The one place a :class:`SpeechLLM` is put together from built parts and stored settings."""
+    if isinstance(projector, TranscriptInput):  # it reads text through the LLM's own tokenizer and table
+        projector.attach(tokenizer, llm.get_input_embeddings())
     return SpeechLLM(
         encoder, projector, llm, tokenizer, prompt=instantiate(prompt, tokenizer=tokenizer),
         frames_per_second=frames_per_second(features), **generation,
@@ -373,6 +375,8 @@ class SpeechLLMStart:
         embeddings = llm.get_input_embeddings().weight
         config = {**self.projector_node, "input_dim": encoder.output_dim, "output_dim": embeddings.shape[1]}
         if self.previous is not None:
+            if config.get("symbols", ()) is None:  # filled in from the encoder's CTC head when first built
+                config["symbols"] = self.previous.projector.config.get("symbols")
             diff = differences(self.previous.projector.config, config)
             if diff:
                 widths = {k: v for k, v in diff.items() if k in ("input_dim", "output_dim")}
@@ -396,6 +400,14 @@ class SpeechLLMStart:
         elif isinstance(projector, TokenCTC):  # a CTC projector scores the transcripts' tokens
             vocab_ids = draft_vocab(tokenizer, projector.vocab_ids.numel(), texts)
             projector.set_vocabulary(vocab_ids, embeddings)
+        elif isinstance(projector, TranscriptInput):  # it reads the encoder stage's CTC transcript
+            if "ctc_head" not in self.first_pass:
+                raise ArtifactError(
+                    "projector=transcript reads the encoder stage's CTC head, and init_from carries none: start "
+                    "from an encoder artifact (stage.init_from=outputs/<name>/encoder/artifact)"
+                )
+            projector.set_ctc_head(self.first_pass["ctc_head"])
+            config["symbols"] = projector.symbols
         self.projector_config = config
         return projector
 

@@ -48,3 +48,17 @@ class CharacterVocabulary(Protocol):
     """A CTC vocabulary of single characters (lexicon beam search with a word LM needs one)."""
 
     symbols: list[str]
+
+
+@runtime_checkable
+class TranscriptInput(Protocol):
+    """A projector that hands the LLM text: the encoder stage's CTC transcript, embedded with the
+    LLM's own table (:class:`~efin.models.projector.TranscriptProjector`)."""
+
+    symbols: list[str]  # the encoder CTC's vocabulary
+
+    def set_ctc_head(self, ctc_head: dict) -> None: ...
+
+    def attach(self, tokenizer, input_embeddings: nn.Module) -> None: ...
+
+    def token_ids(self, x: torch.Tensor, lens: torch.Tensor) -> list[list[int]]: ...

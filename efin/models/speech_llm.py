@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from efin.models.prompt import IGNORE_INDEX, LLMInputs, PromptBuilder
-from efin.models.protocols import SubsetVocabularyLM, TokenCTC
+from efin.models.protocols import SubsetVocabularyLM, TokenCTC, TranscriptInput
 
 
 @dataclass
@@ -223,11 +223,12 @@ class SpeechLLM(nn.Module):
 
     def max_new_tokens_for(self, feat_lens: torch.Tensor, speech_lens: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) generation limit: ``ceil(tokens_per_second * seconds + extra_tokens)`` from the
-        audio length, and with a CTC projector and ``speech_lens`` (B,) (its token counts, from
-        :meth:`embed_speech`) at most ``ceil(tokens_per_ctc_token * N + extra_tokens)``."""
+        audio length, and with a CTC or transcript projector and ``speech_lens`` (B,) (its token
+        counts, from :meth:`embed_speech`) at most ``ceil(tokens_per_ctc_token * N + extra_tokens)``."""
         seconds = feat_lens.double().cpu() / self.frames_per_second
         limit = torch.ceil(self.tokens_per_second * seconds + self.extra_tokens)
-        if speech_lens is not None and self.has_ctc and self.tokens_per_ctc_token is not None:
+        heard_tokens = self.has_ctc or isinstance(self.projector, TranscriptInput)
+        if speech_lens is not None and heard_tokens and self.tokens_per_ctc_token is not None:
             heard = torch.ceil(self.tokens_per_ctc_token * speech_lens.double().cpu() + self.extra_tokens)
             limit = torch.minimum(limit, heard)
         return limit.long()

@@ -1,0 +1,71 @@
+"""The transcript projector (projector=transcript): stage llm reading the encoder stage's own
+character CTC transcript as text, from the encoder artifact, with tiny components."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from efin.artifacts import load_artifact
+from efin.inference import load_recognizer
+from efin.models.projector import TranscriptProjector
+from efin.train import train
+from tests.conftest import TRANSCRIPTS_LM, compose_config
+
+TINY = ["data=tiny", "encoder=tiny", "llm=tiny", "~logger", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+        "~callbacks.progress_bar", "~callbacks.lr_monitor"]
+
+
+def _train(root, data_dir, overrides):
+    cfg = compose_config(TINY + overrides, root, data_dir)
+    with open_dict(cfg):
+        cfg.paths.output_dir = f"{cfg.paths.stage_dir}/runs/test"
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def transcript_llm(tmp_path_factory, shared_data_dir):
+    root = tmp_path_factory.mktemp("transcript")
+    _train(root, shared_data_dir, ["stage=encoder", "projector=tiny", TRANSCRIPTS_LM])
+    metrics = _train(root, shared_data_dir, ["experiment=transcript_llm"])
+    return root, shared_data_dir, metrics
+
+
+def test_llm_reads_the_encoder_ctc_transcript(transcript_llm):
+    root, data_dir, metrics = transcript_llm
+    outputs = root / "outputs" / "default"
+    encoder = load_artifact(outputs / "encoder" / "artifact")
+    stored = load_artifact(outputs / "llm_tiny_transcript" / "artifact")
+    assert "test/wer/test" in metrics
+    projector = stored["projector"]
+    assert projector["config"]["symbols"] == encoder["ctc_head"]["vocab"]["symbols"]
+    for k, v in encoder["ctc_head"]["state_dict"].items():  # the CTC head is copied, frozen
+        assert torch.equal(projector["state_dict"][f"head.{k}"], v)
+
+    llm_rec, featurizer = load_recognizer(outputs / "llm_tiny_transcript" / "artifact")
+    ctc_rec, _ = load_recognizer(outputs / "encoder" / "artifact", lm=False)
+    feats = torch.randn(2, 120, featurizer.n_mels)
+    lens = torch.tensor([120, 80])
+    model = llm_rec.model
+    # what the LLM reads: the encoder CTC's greedy transcript, tokenised as training transcripts are
+    texts = ctc_rec.transcribe(feats, lens)
+    hidden, hidden_lens = model.encoder(feats, lens)
+    assert model.projector.transcripts(hidden, hidden_lens) == texts
+    ids = [model.tokenizer(t or " ", add_special_tokens=False)["input_ids"] for t in texts]
+    speech, speech_lens = model.embed_speech(feats, lens)
+    assert speech_lens.tolist() == [len(i) for i in ids]
+    table = model.llm.get_input_embeddings()
+    for b, row in enumerate(ids):
+        assert torch.equal(speech[b, : len(row)], table(torch.tensor(row)))
+        assert not speech[b, len(row):].any()
+    assert len(llm_rec.transcribe(feats, lens)) == 2
+
+
+def test_transcript_projector_needs_a_character_ctc():
+    projector = TranscriptProjector(input_dim=4, output_dim=8)
+    with pytest.raises(ValueError, match="character CTC"):
+        projector.set_ctc_head({"vocab": {"kind": "sentencepiece", "model_proto": b""}, "state_dict": {}})
+    with pytest.raises(RuntimeError, match="attach"):
+        projector.token_ids(torch.zeros(1, 3, 4), torch.tensor([3]))
+
