@@ -323,7 +323,7 @@ class SpeechLLMRecognizer:
         if draft == "auto":  # transcribe's default: free and lossless when the target has a CTC projector
             # and decodes greedily; joint decoding, rescoring or beam search asked for something else
             greedy = not self.ctc_weight and self.rescorer is None and beams == 1
-            draft = "ctc" if self.model.has_ctc and greedy else None
+            draft = "ctc" if self.model.has_ctc_draft and greedy else None
         if draft is None:
             return
         where = f"decode.speculative.draft={draft}"
@@ -339,9 +339,10 @@ class SpeechLLMRecognizer:
         if beams != 1:
             raise ValueError(f"{where}: speculative decoding is lossless against greedy decoding, not beam search "
                              f"(num_beams={beams}). Set decode.num_beams=1 or decode.speculative.draft=null.")
-        if draft == "ctc" and not self.model.has_ctc:
+        if draft == "ctc" and not self.model.has_ctc_draft:
             raise ValueError(f"{where}: this artifact's projector ({type(self.model.projector).__name__}) has no CTC "
-                             "head to draft from; use a draft stage run (decode.speculative.draft=llm_<draft llm>).")
+                             "head or transcript to draft from; use a draft stage run "
+                             "(decode.speculative.draft=llm_<draft llm>).")
         kind = draft if draft in DRAFT_KEYWORDS else "model"
         if options.get("max_draft") is None:  # the tree must hold the greedy draft
             default = DEFAULT_MAX_DRAFT[kind]

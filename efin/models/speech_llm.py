@@ -129,6 +129,12 @@ class SpeechLLM(nn.Module):
         """Whether the projector classifies audio into the LLM's tokens (:class:`TokenCTCProjector`)."""
         return isinstance(self.projector, TokenCTC)
 
+    @property
+    def has_ctc_draft(self) -> bool:
+        """Whether speculative decoding has a free draft: the projector's token CTC, or the
+        encoder CTC's transcript a :class:`TranscriptProjector` hands the LLM."""
+        return self.has_ctc or isinstance(self.projector, TranscriptInput)
+
     def embed_speech(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, F), feat_lens (B,) -> speech embeddings (B, N, H) in the LLM's dtype, lens (B,)."""
         return self.project(*self.encoder(feats, feat_lens))
@@ -227,8 +233,7 @@ class SpeechLLM(nn.Module):
         counts, from :meth:`embed_speech`) at most ``ceil(tokens_per_ctc_token * N + extra_tokens)``."""
         seconds = feat_lens.double().cpu() / self.frames_per_second
         limit = torch.ceil(self.tokens_per_second * seconds + self.extra_tokens)
-        heard_tokens = self.has_ctc or isinstance(self.projector, TranscriptInput)
-        if speech_lens is not None and heard_tokens and self.tokens_per_ctc_token is not None:
+        if speech_lens is not None and self.has_ctc_draft and self.tokens_per_ctc_token is not None:
             heard = torch.ceil(self.tokens_per_ctc_token * speech_lens.double().cpu() + self.extra_tokens)
             limit = torch.minimum(limit, heard)
         return limit.long()
