@@ -64,7 +64,7 @@ def rows_for(args, target, draft) -> dict[str, tuple[object, DraftPolicy]]:
         rows["recycle"] = (draft, DraftPolicy(**adaptive, recycle=True))
         rows["specasr"] = (draft, DraftPolicy(**adaptive, recycle=True, tree=True, tree_threshold=args.tree_threshold,
                                               tree_top_k=args.tree_top_k, tree_budget=args.tree_budget))
-    if target.has_ctc:
+    if target.has_ctc_draft:
         whole = max(args.ctc_max_draft, 1)
         rows["ctc"] = ("ctc", DraftPolicy(max_draft=whole))
         for k in args.ctc_ks:

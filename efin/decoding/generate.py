@@ -11,7 +11,7 @@ import torch
 
 from efin.decoding.llm_search import Hypothesis, beam_search, greedy_search, score_continuations
 from efin.decoding.loops import trim_loop
-from efin.models.protocols import TokenCTC
+from efin.models.protocols import TokenCTC, TranscriptInput
 from efin.models.speech_llm import SpeechLLM
 
 
@@ -97,9 +97,12 @@ def score_transcripts(
 
 @torch.no_grad()
 def ctc_transcribe(model: SpeechLLM, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
-    """The CTC projector's own greedy transcripts (no LLM): what the LLM is handed, as text."""
+    """What the LLM is handed, as text (no LLM): the CTC projector's greedy transcripts, or the
+    encoder CTC's that a transcript projector reads."""
+    hidden, lens = model.encoder(feats, feat_lens)
+    if isinstance(model.projector, TranscriptInput):
+        return model.projector.transcripts(hidden, lens)
     if not isinstance(model.projector, TokenCTC):
         raise TypeError(f"{type(model.projector).__name__} is not a CTC projector: it has no transcripts of its own")
-    hidden, lens = model.encoder(feats, feat_lens)
     tokens = model.projector.greedy_tokens(*model.projector.token_logits(hidden, lens))
     return [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]

@@ -131,8 +131,9 @@ class SpeechLLM(nn.Module):
 
     @property
     def has_ctc_draft(self) -> bool:
-        """Whether speculative decoding has a free draft: the projector's token CTC, or the
-        encoder CTC's transcript a :class:`TranscriptProjector` hands the LLM."""
+        """Whether the projector hands the LLM a CTC's text: its own token CTC, or the encoder
+        CTC's transcript (:class:`TranscriptProjector`). That text is a free draft for speculative
+        decoding and bounds the output length (``tokens_per_ctc_token``)."""
         return self.has_ctc or isinstance(self.projector, TranscriptInput)
 
     def embed_speech(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

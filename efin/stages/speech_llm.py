@@ -271,7 +271,7 @@ class SpeechLLMStage(pl.LightningModule):
         encoded = self._encode(batch, "dev") if split == "val" and not self.trainer.sanity_checking else None
         out = self.model(batch["feats"], batch["feat_lens"], batch["texts"], encoded=encoded)
         self._log_losses(split, dataset, out, batch)
-        if self.model.has_ctc:  # what the projector alone hears, as text: val/wer/dev_ctc
+        if self.model.has_ctc_draft:  # what the LLM is handed, as text: val/wer/dev_ctc
             hyps = ctc_transcribe(self.model, batch["feats"], batch["feat_lens"])
             self.transcripts[f"{dataset}_ctc"].add(batch["ids"], batch["texts"], hyps)
         n = len(batch["texts"]) if limit is None else min(limit, len(batch["texts"]))
