@@ -87,3 +87,26 @@ def test_speculative_transcript_draft_equals_greedy(transcript_llm):
         assert spec_rec.transcribe(feats, lens) == generate(model, feats, lens)
         (stats,) = spec_rec.last_stats
         assert stats.committed == sum(stats.accepted) and stats.draft_forwards == 0
+
+
+def test_recall_script_scores_what_the_llm_reads(transcript_llm, capsys):
+    """scripts/token_ctc_recall.py on a transcript artifact: the input's WER / CER as text and
+    its bag-of-tokens recall; the pure helpers count with multiplicity."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "token_ctc_recall.py"
+    spec = importlib.util.spec_from_file_location("token_ctc_recall", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.bag_scores([5, 5, 7], [5, 7, 7, 9]) == (2, 3, 4)
+    probs = torch.tensor([[0.1, 0.9, 0.0], [0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.3, 0.0, 0.7]])
+    vocab_ids = torch.tensor([40, 41])
+    assert script.kept_tokens(probs, vocab_ids, 0.5) == [40, 40, 41]  # the blank-like frame splits the repeat
+    assert script.kept_tokens(probs, vocab_ids, 0.05) == [40, 41]  # kept, it merges with its neighbours
+
+    root, data_dir, _ = transcript_llm
+    artifact = root / "outputs" / "default" / "llm_tiny_transcript" / "artifact"
+    script.main([str(artifact), str(data_dir / "synthetic-tiny" / "dev.jsonl"), "--limit", "3"])
+    out = capsys.readouterr().out
+    assert "3 utterances" in out and "CER" in out and "recall" in out
