@@ -11,6 +11,8 @@ the reference holds; and the input's WER / CER as text (a misspelt word costs to
 characters, so compare the two projectors by CER). For a token CTC, ``--mass`` also keeps every frame whose non-blank
 probability reaches each threshold (its best non-blank token, repeats merged): if recall stays
 low even then, the words are not in the token CTC at all, and no LLM reading it can recover them.
+``--warp 0.9 1.1`` applies the training data's mel-axis warp (``data.feature_augment.warp_range``)
+to every utterance: on the training manifest, that is the input stage llm trained on.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("manifest")
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--mass", type=float, nargs="*", default=[0.5, 0.2, 0.05])
+    parser.add_argument("--warp", type=float, nargs=2, metavar=("LOW", "HIGH"), help="training mel warp range")
     args = parser.parse_args(argv)
 
+    from efin.data.augment import FeatureAugment
     from efin.data.dataset import SpeechDataset
     from efin.data.manifest import load_manifest
     from efin.decoding.generate import ctc_transcribe
@@ -62,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     projector = model.projector
     mass = args.mass if model.has_ctc else []
-    dataset = SpeechDataset(load_manifest(args.manifest)[: args.limit], featurizer)
+    warp = FeatureAugment(freq_masks=0, time_masks=0, warp_range=args.warp) if args.warp else None
+    torch.manual_seed(0)  # the warp draws from the global generator
+    dataset = SpeechDataset(load_manifest(args.manifest)[: args.limit], featurizer, feature_augment=warp)
     totals = {key: [0, 0, 0] for key in ["greedy", *mass]}
     refs, texts = [], []
     with torch.no_grad():
