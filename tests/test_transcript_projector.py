@@ -80,6 +80,7 @@ def test_speculative_transcript_draft_equals_greedy(transcript_llm):
     artifact = root / "outputs" / "default" / "llm_tiny_transcript" / "artifact"
     spec_rec, featurizer = load_recognizer(artifact, speculative={"draft": "ctc"})
     assert isinstance(spec_rec.speculative.drafter, TranscriptDrafter)
+    assert load_recognizer(artifact, speculative={"draft": "auto"})[0].speculative is None  # slower there: not auto
     model = spec_rec.model
     torch.manual_seed(0)
     for n in (150, 90, 40):
