@@ -8,9 +8,10 @@ as a bag of tokens, with the tokens the LLM reads: a token-CTC projector's colla
 tokens (``projector=ctc``) or the encoder CTC's transcript, tokenised (``projector=transcript``).
 Recall = the share of reference tokens the input holds, precision = the share of input tokens
 the reference holds; and the input's WER / CER as text (a misspelt word costs tokens, not
-characters, so compare the two projectors by CER). For a token CTC, ``--mass`` also keeps every frame whose non-blank
-probability reaches each threshold (its best non-blank token, repeats merged): if recall stays
-low even then, the words are not in the token CTC at all, and no LLM reading it can recover them.
+characters, so compare the two projectors by CER). For a token CTC, ``--mass`` also keeps every
+frame whose non-blank probability reaches each threshold (its best non-blank token, repeats
+merged): if recall stays low even then, the words are not in the token CTC at all, and no LLM
+reading it can recover them.
 ``--warp 0.9 1.1`` applies the training data's mel-axis warp (``data.feature_augment.warp_range``)
 to every utterance: on the training manifest, that is the input stage llm trained on.
 """
@@ -75,10 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(len(dataset)):
             item = dataset[i]
             feats, feat_lens = item["feats"][None], torch.tensor([item["feats"].shape[0]])
-            refs.append(normalize(item["text"]))
-            texts.append(normalize(ctc_transcribe(model, feats, feat_lens)[0]))
-            ref = model.prompt.encode_transcripts([item["text"]])[0][0][:-1]  # without the end token
             hidden, lens = model.encoder(feats, feat_lens)
+            refs.append(normalize(item["text"]))
+            texts.append(normalize(ctc_transcribe(model, feats, feat_lens, encoded=(hidden, lens))[0]))
+            ref = model.prompt.encode_transcripts([item["text"]])[0][0][:-1]  # without the end token
             if not model.has_ctc:
                 rows = {"greedy": projector.token_ids(hidden, lens)[0]}
             else:

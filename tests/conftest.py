@@ -25,6 +25,17 @@ TRANSCRIPTS_LM = "stage.module.lm.sources=[transcripts]"
 torch.set_num_threads(1)
 
 
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def compose_config(
     overrides: list[str], root: Path, data_dir: Path | None = None, config_name: str = "train", run: str = "run1"
 ) -> DictConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import subprocess
@@ -14,11 +13,10 @@ import pytest
 import soundfile
 
 from efin.data.manifest import load_manifest
+from tests.conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_librispeech.py"
-spec = importlib.util.spec_from_file_location("prepare_librispeech", SCRIPT)
-prep = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(prep)
+prep = load_script("prepare_librispeech")
 
 
 def flac(path: Path, seconds: float) -> None:

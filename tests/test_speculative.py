@@ -452,13 +452,9 @@ def _target_no_ctc():
 def test_bench_script_tiny_smoke(tmp_path):
     """scripts/bench_specdec.py --tiny runs every row on tiny random models; every row is
     identical to AR and the one-pass bound takes one target forward per utterance."""
-    import importlib.util
-    from pathlib import Path
+    from tests.conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_specdec.py"
-    spec = importlib.util.spec_from_file_location("bench_specdec", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_specdec")
     out = tmp_path / "bench.json"
     results = bench.main(["--tiny", "--threads", "1", "--ks", "4", "--out", str(out)])
     rows = results["sets"]["tiny"]

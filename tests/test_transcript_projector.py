@@ -11,7 +11,7 @@ from efin.artifacts import load_artifact
 from efin.inference import load_recognizer
 from efin.models.projector import TranscriptProjector
 from efin.train import train
-from tests.conftest import TRANSCRIPTS_LM, compose_config
+from tests.conftest import TRANSCRIPTS_LM, compose_config, load_script
 
 TINY = ["data=tiny", "encoder=tiny", "llm=tiny", "~logger", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
         "~callbacks.progress_bar", "~callbacks.lr_monitor"]
@@ -93,13 +93,7 @@ def test_speculative_transcript_draft_equals_greedy(transcript_llm):
 def test_recall_script_scores_what_the_llm_reads(transcript_llm, capsys):
     """scripts/token_ctc_recall.py on a transcript artifact: the input's WER / CER as text and
     its bag-of-tokens recall; the pure helpers count with multiplicity."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "token_ctc_recall.py"
-    spec = importlib.util.spec_from_file_location("token_ctc_recall", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("token_ctc_recall")
     assert script.bag_scores([5, 5, 7], [5, 7, 7, 9]) == (2, 3, 4)
     probs = torch.tensor([[0.1, 0.9, 0.0], [0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.3, 0.0, 0.7]])
     vocab_ids = torch.tensor([40, 41])

@@ -96,10 +96,14 @@ def score_transcripts(
 
 
 @torch.no_grad()
-def ctc_transcribe(model: SpeechLLM, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[str]:
+def ctc_transcribe(
+    model: SpeechLLM, feats: torch.Tensor, feat_lens: torch.Tensor,
+    encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[str]:
     """What the LLM is handed, as text (no LLM): the CTC projector's greedy transcripts, or the
-    encoder CTC's that a transcript projector reads."""
-    hidden, lens = model.encoder(feats, feat_lens)
+    encoder CTC's that a transcript projector reads. ``encoded``: the encoder output (hidden
+    (B, T', D), lens (B,)) when already computed; the encoder is then not run."""
+    hidden, lens = encoded if encoded is not None else model.encoder(feats, feat_lens)
     if isinstance(model.projector, TranscriptInput):
         return model.projector.transcripts(hidden, lens)
     if not isinstance(model.projector, TokenCTC):

@@ -272,7 +272,7 @@ class SpeechLLMStage(pl.LightningModule):
         out = self.model(batch["feats"], batch["feat_lens"], batch["texts"], encoded=encoded)
         self._log_losses(split, dataset, out, batch)
         if self.model.has_ctc_draft:  # what the LLM is handed, as text: val/wer/dev_ctc
-            hyps = ctc_transcribe(self.model, batch["feats"], batch["feat_lens"])
+            hyps = ctc_transcribe(self.model, batch["feats"], batch["feat_lens"], encoded=out.encoded)
             self.transcripts[f"{dataset}_ctc"].add(batch["ids"], batch["texts"], hyps)
         n = len(batch["texts"]) if limit is None else min(limit, len(batch["texts"]))
         if n == 0:
