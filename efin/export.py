@@ -128,10 +128,11 @@ def load_export(
     encoder = build_encoder(Part(**torch.load(directory / "encoder.pt", map_location="cpu", weights_only=True)))
     projector = build_projector(Part(**torch.load(directory / "projector.pt", map_location="cpu", weights_only=True)))
     llm, tokenizer = _load_llm(directory / "llm", meta.get("draft_vocab_ids"))
-    model = assemble(encoder, projector, llm, tokenizer, meta["prompt"], meta["generation"], meta["features"])
     options = {k: v for k, v in options.items() if v is not None}
     if (directory / FIRST_PASS_FILE).is_file():
         options["first_pass"] = torch.load(directory / FIRST_PASS_FILE, map_location="cpu", weights_only=True)
+    model = assemble(encoder, projector, llm, tokenizer, meta["prompt"], meta["generation"], meta["features"],
+                     options.get("first_pass"))
     if speculative is not None and speculative.get("draft") is not None:
         draft = speculative["draft"]
         if draft not in DRAFT_KEYWORDS:  # a trained draft is another export

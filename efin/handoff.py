@@ -27,6 +27,7 @@ from torch import nn
 
 from efin.artifacts import FIRST_PASS_KEYS, ArtifactError
 from efin.data.audio import featurizer_from_config
+from efin.decoding.ctc import lm_decoder
 from efin.models.draft import draft_vocab
 from efin.models.encoder import Encoder
 from efin.models.llm import ADAPTERS
@@ -41,6 +42,7 @@ from efin.models.llm_state import (
 )
 from efin.models.protocols import TokenCTC, TranscriptInput
 from efin.models.speech_llm import SpeechLLM
+from efin.tokenizer import CharVocab
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +153,34 @@ def build_projector(part: Part):
     return projector
 
 
-def assemble(encoder, projector, llm, tokenizer, prompt: dict, generation: dict, features: dict) -> SpeechLLM:
-    """The one place a :class:`SpeechLLM` is put together from built parts and stored settings."""
+def set_transcript_decoding(
+    projector: TranscriptInput, first_pass: dict | None, ctc_decoding: str | None = None
+) -> None:
+    """How a transcript projector reads the encoder's CTC (``ctc_decoding``: ``greedy`` | ``lm``;
+    None keeps its own); ``lm`` searches with the word LM of ``first_pass`` (the encoder stage's)."""
+    if ctc_decoding is not None:
+        if ctc_decoding not in ("greedy", "lm"):
+            raise ValueError(f"decode.transcript_decoding={ctc_decoding!r}: expected greedy, lm or null")
+        projector.ctc_decoding = ctc_decoding
+    if projector.ctc_decoding != "lm":
+        return
+    ctc_lm = (first_pass or {}).get("ctc_lm")
+    if ctc_lm is None:
+        raise ArtifactError(
+            "the transcript projector reads the CTC with the encoder stage's word LM (ctc_decoding=lm), and the "
+            "artifact carries none: train the encoder stage with stage.module.lm, give one with "
+            "decode.lm_sources=[...], or read greedily (decode.transcript_decoding=greedy)"
+        )
+    projector.set_lm_decoder(lm_decoder(CharVocab(projector.symbols), ctc_lm))
+
+
+def assemble(encoder, projector, llm, tokenizer, prompt: dict, generation: dict, features: dict,
+             first_pass: dict | None = None) -> SpeechLLM:
+    """The one place a :class:`SpeechLLM` is put together from built parts and stored settings
+    (``first_pass``: the encoder stage's CTC head and word LM, which a transcript projector may read with)."""
     if isinstance(projector, TranscriptInput):  # it reads text through the LLM's own tokenizer and table
         projector.attach(tokenizer, llm.get_input_embeddings())
+        set_transcript_decoding(projector, first_pass)
     return SpeechLLM(
         encoder, projector, llm, tokenizer, prompt=instantiate(prompt, tokenizer=tokenizer),
         frames_per_second=frames_per_second(features), **generation,
@@ -249,7 +275,7 @@ class SpeechLLMHandoff:
         spec with the stored adapter and weights. ``cache_dir``: this machine's LLM cache."""
         llm, tokenizer = self.llm.build(cache_dir)
         return assemble(build_encoder(self.encoder), build_projector(self.projector), llm, tokenizer,
-                        self.prompt, self.generation, self.features)
+                        self.prompt, self.generation, self.features, self.first_pass)
 
 
 class SpeechLLMStart:
@@ -334,7 +360,7 @@ class SpeechLLMStart:
         llm, tokenizer = self._build_llm(texts)
         projector = self._build_projector(encoder, llm, tokenizer, texts)
         return assemble(encoder, projector, llm, tokenizer, self.llm_node["prompt"], self.llm_node["generation"],
-                        self.features)
+                        self.features, self.first_pass)
 
     def _build_encoder(self, features: dict, feature_stats) -> nn.Module:
         encoder = instantiate(self.encoder_node)

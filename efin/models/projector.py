@@ -259,14 +259,24 @@ class TranscriptProjector(nn.Module):
         output_dim: LLM embedding width H.
         symbols: the CTC vocabulary's symbols, class 0 = blank (the encoder artifact's
             ``ctc_head`` vocabulary; filled in by the stage that starts from it).
+        ctc_decoding: how the transcript is read off the CTC: ``greedy`` (best path) or ``lm``
+            (lexicon beam search with the encoder stage's word LM, the best CTC decoding: real
+            words, fewer of them wrong; :meth:`set_lm_decoder` gives it the search).
 
     Call :meth:`attach` with the LLM's tokenizer and input embeddings before :meth:`forward`
-    (:func:`efin.handoff.assemble` does).
+    (:func:`efin.handoff.assemble` does, and with ``lm`` attaches the word LM search too).
     """
 
-    def __init__(self, input_dim: int, output_dim: int, symbols: list[str] | None = None):
+    CTC_DECODINGS = ("greedy", "lm")
+
+    def __init__(self, input_dim: int, output_dim: int, symbols: list[str] | None = None,
+                 ctc_decoding: str = "greedy"):
         super().__init__()
+        if ctc_decoding not in self.CTC_DECODINGS:
+            raise ValueError(f"projector.ctc_decoding={ctc_decoding!r}: expected one of {self.CTC_DECODINGS}")
         self.input_dim, self.output_dim = input_dim, output_dim
+        self.ctc_decoding = ctc_decoding
+        self._lm_decoder = None  # (log-probs (B, T, V), lens (B,)) -> B texts; set_lm_decoder
         self.vocab = CharVocab(symbols)
         self.symbols = self.vocab.symbols
         self.head = nn.Linear(input_dim, self.vocab.size).requires_grad_(False)
@@ -286,9 +296,19 @@ class TranscriptProjector(nn.Module):
         """The LLM's tokenizer and input embedding table (not stored with the projector)."""
         self._tokenizer, self._embeddings = tokenizer, [input_embeddings]
 
+    def set_lm_decoder(self, decoder) -> None:
+        """The lexicon beam search ``ctc_decoding=lm`` reads with: a callable (CTC log-probabilities
+        (B, T, V), lens (B,)) -> B texts (:class:`efin.decoding.ctc.CTCLexiconBeamSearch`)."""
+        self._lm_decoder = decoder
+
     def transcripts(self, x: torch.Tensor, lens: torch.Tensor) -> list[str]:
-        """x (B, T, D), lens (B,) -> per item the CTC's greedy transcript (repeats merged, blanks dropped)."""
+        """x (B, T, D), lens (B,) -> per item the CTC's transcript: greedy (repeats merged, blanks
+        dropped), or with ``ctc_decoding=lm`` the word LM beam search's best."""
         _check_input(x, self.input_dim)
+        if self.ctc_decoding == "lm":
+            if self._lm_decoder is None:
+                raise RuntimeError("projector.ctc_decoding=lm: TranscriptProjector.set_lm_decoder(...) was not called")
+            return self._lm_decoder(self.head(x).float().log_softmax(-1), lens)
         best = self.head(x).argmax(-1).cpu()
         return [self.vocab.decode(torch.unique_consecutive(row[: int(n)]).tolist()) for row, n in zip(best, lens)]
 

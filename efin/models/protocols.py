@@ -56,8 +56,11 @@ class TranscriptInput(Protocol):
     LLM's own table (:class:`~efin.models.projector.TranscriptProjector`)."""
 
     symbols: list[str]  # the encoder CTC's vocabulary
+    ctc_decoding: str  # greedy | lm (lexicon beam search with the encoder stage's word LM)
 
     def set_ctc_head(self, ctc_head: dict) -> None: ...
+
+    def set_lm_decoder(self, decoder) -> None: ...
 
     def attach(self, tokenizer, input_embeddings: nn.Module) -> None: ...
 
