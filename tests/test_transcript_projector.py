@@ -75,10 +75,17 @@ def test_llm_reads_the_word_lm_transcript(transcript_llm):
     (projector.ctc_decoding=lm) or chosen when decoding (decode.transcript_decoding=lm)."""
     root, data_dir, _ = transcript_llm
     outputs = root / "outputs" / "default"
-    _train(root, data_dir, ["experiment=transcript_llm", "projector.ctc_decoding=lm",
-                            "stage.run_name=llm_tiny_transcript_lm", "test_after_fit=false"])
+    dev = data_dir / "synthetic-tiny" / "dev.jsonl"
+    read_with = [f"stage.module.transcript_lm_sources=[{dev}]", "test_after_fit=false"]  # its own LM in training
+    with pytest.raises(ValueError, match="projector.ctc_decoding=lm"):
+        _train(root, data_dir, ["experiment=transcript_llm", "stage.run_name=llm_tiny_transcript_x", *read_with])
+    metrics = _train(root, data_dir, ["experiment=transcript_llm", "projector.ctc_decoding=lm",
+                                      "stage.run_name=llm_tiny_transcript_lm", *read_with])
+    assert metrics["val/wer/dev_ctc"] >= 0
     trained = outputs / "llm_tiny_transcript_lm" / "artifact"
-    assert load_artifact(trained)["projector"]["config"]["ctc_decoding"] == "lm"
+    stored = load_artifact(trained)
+    assert stored["projector"]["config"]["ctc_decoding"] == "lm"
+    assert stored["ctc_lm"] == load_artifact(outputs / "encoder" / "artifact")["ctc_lm"]  # decoding reads with it
     texts = {}
     for lm in (True, False):  # the encoder artifact's own decodings: CTC + word LM, greedy CTC
         ctc_rec, featurizer = load_recognizer(outputs / "encoder" / "artifact", lm=lm)

@@ -25,10 +25,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig
 
 from efin.artifacts import ArtifactError
+from efin.decoding.ctc import ctc_lm_from_sources
 from efin.decoding.generate import ctc_transcribe, generate
-from efin.handoff import SpeechLLMStart, plain
+from efin.handoff import SpeechLLMStart, plain, set_transcript_decoding
 from efin.models.encoder_cache import EncoderCache, encoder_fingerprint
-from efin.models.protocols import TokenCTC
+from efin.models.protocols import TokenCTC, TranscriptInput
 from efin.models.speech_llm import SpeechLLM
 from efin.stages.common import EvalTranscripts, adamw_warmup_cosine, parameter_counts, test_set_name, trained_state_keys
 from efin.stages.distill import DistillOptions, DistillTarget, agreement, distill_loss
@@ -66,6 +67,12 @@ class SpeechLLMStage(pl.LightningModule):
             (:class:`efin.models.encoder_cache.EncoderCache`). auto = on when the encoder is
             frozen and the training data has no augmentation; true refuses a trained encoder
             or augmented data (their outputs change every epoch).
+        transcript_lm_sources: with ``projector=transcript`` and ``projector.ctc_decoding=lm``,
+            the word LM the projector reads with in this stage (training, validation, test) is
+            built from these texts (:func:`efin.data.lm_text.lm_sentences`, e.g. ``[wordnet]``)
+            instead of the encoder artifact's. The artifact's LM holds the training transcripts,
+            so on training audio its transcript is nearly right and the LLM would learn to copy;
+            decoding afterwards reads with the artifact's LM as stored. None: the artifact's.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class SpeechLLMStage(pl.LightningModule):
         adapter: str = "frozen", train_encoder: bool = False, encoder_lr: float = 1e-5,
         val_generate_max_utterances: int | None = 100, lm_weight: float = 1.0, ctc_weight: float = 0.0,
         distill: DictConfig | dict | None = None, cache_encoder: str | bool = False,
+        transcript_lm_sources: list[str] | None = None,
     ):
         super().__init__()
         encoder, projector, llm, optimizer = plain(encoder), plain(projector), plain(llm), plain(optimizer)
@@ -90,6 +98,7 @@ class SpeechLLMStage(pl.LightningModule):
                 "ctc_weight": ctc_weight,
                 "distill": plain(distill),
                 "cache_encoder": cache_encoder,
+                "transcript_lm_sources": plain(transcript_lm_sources),
             }
         )
         if cache_encoder not in ("auto", True, False):
@@ -115,6 +124,17 @@ class SpeechLLMStage(pl.LightningModule):
         self.start.take(artifact)
         log.info("Starting from a %r artifact", artifact["stage"])
 
+    def _read_transcripts_with(self, sources: list[str]) -> None:
+        """``transcript_lm_sources``: the transcript projector's word LM search for this stage."""
+        projector = self.model.projector
+        if not isinstance(projector, TranscriptInput) or projector.ctc_decoding != "lm":
+            raise ValueError(
+                f"stage.module.transcript_lm_sources={list(sources)}: only a transcript projector reading with the "
+                "word LM uses it (projector=transcript projector.ctc_decoding=lm); set it to null"
+            )
+        first_pass = self.start.first_pass
+        set_transcript_decoding(projector, {"ctc_lm": ctc_lm_from_sources(first_pass.get("ctc_lm"), list(sources))})
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -125,6 +145,8 @@ class SpeechLLMStage(pl.LightningModule):
         texts = [u.text for u in dm.train_utterances] if fitting else None  # rank draft/CTC vocabularies
         self.model = self.start.build(dict(dm.featurizer.config), texts, dm.feature_stats if fitting else None)
         self.model.encoder.requires_grad_(h.train_encoder)
+        if h.transcript_lm_sources:
+            self._read_transcripts_with(h.transcript_lm_sources)
         check_loss_weights(self.model.projector, h.lm_weight, h.ctc_weight)
         if target_artifact is not None:
             self.target = DistillTarget.build(target_artifact, self.model, self.start.features, h.train_encoder)
