@@ -40,6 +40,7 @@ from efin.models.llm_state import (
     llm_identity,
     load_handoff_state,
 )
+from efin.models.projector import TRANSCRIPT_CTC_DECODINGS
 from efin.models.protocols import TokenCTC, TranscriptInput
 from efin.models.speech_llm import SpeechLLM
 from efin.tokenizer import CharVocab
@@ -159,8 +160,9 @@ def set_transcript_decoding(
     """How a transcript projector reads the encoder's CTC (``ctc_decoding``: ``greedy`` | ``lm``;
     None keeps its own); ``lm`` searches with the word LM of ``first_pass`` (the encoder stage's)."""
     if ctc_decoding is not None:
-        if ctc_decoding not in ("greedy", "lm"):
-            raise ValueError(f"decode.transcript_decoding={ctc_decoding!r}: expected greedy, lm or null")
+        if ctc_decoding not in TRANSCRIPT_CTC_DECODINGS:
+            raise ValueError(f"decode.transcript_decoding={ctc_decoding!r}: expected one of "
+                             f"{TRANSCRIPT_CTC_DECODINGS} or null")
         projector.ctc_decoding = ctc_decoding
     if projector.ctc_decoding != "lm":
         return

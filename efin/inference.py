@@ -243,9 +243,10 @@ class SpeechLLMRecognizer:
         if lm_sources:
             stored = (first_pass or {}).get("ctc_lm")
             first_pass = {**(first_pass or {}), "ctc_lm": ctc_lm_from_sources(stored, lm_sources, lm_min_count)}
-        if isinstance(self.model.projector, TranscriptInput):
-            if transcript_decoding or lm_sources:  # (re)build its word LM search for this decoding
-                set_transcript_decoding(self.model.projector, first_pass, transcript_decoding)
+        projector = self.model.projector
+        if isinstance(projector, TranscriptInput):
+            if lm_sources or (transcript_decoding and transcript_decoding != projector.ctc_decoding):
+                set_transcript_decoding(projector, first_pass, transcript_decoding)  # another LM or mode than built
         elif transcript_decoding:
             raise ValueError(f"decode.transcript_decoding={transcript_decoding}: only a projector=transcript artifact "
                              "reads a CTC transcript; set decode.transcript_decoding=null")

@@ -244,6 +244,9 @@ class TokenCTCProjector(nn.Module):
         return encoder_frame_rate / self.stack
 
 
+TRANSCRIPT_CTC_DECODINGS = ("greedy", "lm")  # how a TranscriptProjector reads the CTC
+
+
 class TranscriptProjector(nn.Module):
     """Hands the LLM the encoder stage's own character CTC transcript, as text.
 
@@ -267,7 +270,7 @@ class TranscriptProjector(nn.Module):
     (:func:`efin.handoff.assemble` does, and with ``lm`` attaches the word LM search too).
     """
 
-    CTC_DECODINGS = ("greedy", "lm")
+    CTC_DECODINGS = TRANSCRIPT_CTC_DECODINGS
 
     def __init__(self, input_dim: int, output_dim: int, symbols: list[str] | None = None,
                  ctc_decoding: str = "greedy"):
