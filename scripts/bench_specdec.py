@@ -167,7 +167,8 @@ def load_models(args, cpu_linear: bool = True):
     see :mod:`efin.models.cpu_linear`)."""
     from efin.inference import load_recognizer
 
-    recognizer, featurizer = load_recognizer(args.target, cache_dir=args.cache_dir, cpu_linear=cpu_linear)
+    recognizer, featurizer = load_recognizer(args.target, cache_dir=args.cache_dir, cpu_linear=cpu_linear,
+                                             transcript_decoding=args.transcript_decoding)
     target = recognizer.model.eval()
     draft = None
     if args.draft:
@@ -246,6 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ctc-ks", type=int, nargs="*", default=[], help="extra CTC rows ctc_kK: chunks of at most K")
     parser.add_argument(
         "--ctc-threshold", type=float, default=0.5, help="CTC rows: chunk ends after a token below this"
+    )
+    parser.add_argument(
+        "--transcript-decoding", choices=["greedy", "lm"],
+        help="a projector=transcript target: read the CTC greedily or with the word LM (decode.transcript_decoding)",
     )
     parser.add_argument("--rows", nargs="*", help="only these rows (ar always runs)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

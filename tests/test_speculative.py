@@ -355,6 +355,25 @@ def test_recycling_realigns_after_insertions_and_deletions(target, batch, greedy
         assert runs[True] < runs[False], (kind, runs)
 
 
+def test_text_draft_realigns_by_whole_words():
+    """A target that respells a word it reads in other tokens ("crim inally" -> "severely") or
+    joins two ("fanatic" + " ism" -> "fanaticism"): with the tokens' text, recycling resumes the
+    draft at the next word; by tokens alone it proposes the rest of the respelt word."""
+    text = {1: "the", 2: " garden", 3: " was", 4: " crim", 5: "inally", 6: " neglected", 7: " severely",
+            8: "fan", 9: "atic", 10: " is", 11: "m", 12: " consists", 13: "ism"}
+    end = 99
+    ctx = UtteranceContext(None, None, None, None, end, (end,))
+    cases = [([1, 2, 3, 4, 5, 6, end], [1, 2, 3, 7], [6, end], [5, 6, end]),
+             ([8, 9, 10, 11, 12, end], [8, 9, 13], [12, end], [11, 12, end])]
+    for seq, committed, by_words, by_tokens in cases:
+        for token_text, resumed in ((text.get, by_words), (None, by_tokens)):
+            policy = DraftPolicy(max_draft=64, recycle=True)
+            drafter = SequenceDrafter(policy, lambda ctx, s=seq: s, token_text=token_text)
+            drafter.begin(ctx)
+            assert drafter.propose([], 64).tokens == seq
+            assert drafter.propose(committed, 64).tokens == resumed, (committed, token_text)
+
+
 def test_model_draft_recycles_after_a_substitution(target, batch, greedy):
     """A draft that is right except at every 5th position: after each rejection its new token
     lines up with the rest of the old draft, which is reused without drafting it again."""

@@ -134,13 +134,21 @@ def test_speculative_transcript_draft_equals_greedy(transcript_llm):
     spec_rec, featurizer = load_recognizer(artifact, speculative={"draft": "ctc"})
     assert isinstance(spec_rec.speculative.drafter, TranscriptDrafter)
     assert load_recognizer(artifact, speculative={"draft": "auto"})[0].speculative is None  # slower there: not auto
-    model = spec_rec.model
+    # read with the word LM, the LLM mostly copies its input: auto drafts it
+    lm_rec, _ = load_recognizer(artifact, speculative={"draft": "auto"}, transcript_decoding="lm")
+    assert isinstance(lm_rec.speculative.drafter, TranscriptDrafter)
+    searches = []
+    search = lm_rec.model.projector._lm_decoder
+    lm_rec.model.projector._lm_decoder = lambda *a: searches.append(1) or search(*a)
     torch.manual_seed(0)
-    for n in (150, 90, 40):
-        feats, lens = torch.randn(1, n, featurizer.n_mels), torch.tensor([n])
-        assert spec_rec.transcribe(feats, lens) == generate(model, feats, lens)
-        (stats,) = spec_rec.last_stats
-        assert stats.committed == sum(stats.accepted) and stats.draft_forwards == 0
+    for rec in (spec_rec, lm_rec):
+        _never_blank(rec.model.projector.head)  # a non-empty transcript to draft
+        for n in (150, 90, 40):
+            feats, lens = torch.randn(1, n, featurizer.n_mels), torch.tensor([n])
+            assert rec.transcribe(feats, lens) == generate(rec.model, feats, lens)
+            (stats,) = rec.last_stats
+            assert stats.committed == sum(stats.accepted) and stats.draft_forwards == 0
+    assert len(searches) == 6  # 3 greedy decodings + 3 speculative: the draft reuses what the prompt read
 
 
 def test_recall_script_scores_what_the_llm_reads(transcript_llm, capsys):

@@ -7,6 +7,9 @@ drafter protocol."""
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,9 +51,10 @@ class SequenceDrafter(Drafter):
     assumed; with it, the resume point within ``recycle_window`` of that guess whose preceding
     tokens best explain the last ``recycle_window + 1`` committed tokens (edit distance) wins;
     ties go to a point right after the last committed token, then to the substitution guess.
-    Right after a single mismatch substitution, insertion and deletion often explain it equally
-    well; with ``tree`` the two runner-up
-    resume points are verified as extra branches in the same target forward.
+    Given ``token_text`` (token id -> its text), the same is done over whole words (words the
+    target respells in other tokens realign at once). Right after a single mismatch
+    substitution, insertion and deletion often explain it equally well; with ``tree`` the two
+    runner-up resume points are verified as extra branches in the same target forward.
     A chunk is at most ``max_draft`` tokens, cut after the first token with confidence below
     ``threshold`` when ``adaptive``; with ``tree``, low-confidence tokens get their alternatives
     (each followed by the rest of the chunk) and a *skip* branch (the token was spurious).
@@ -61,9 +65,11 @@ class SequenceDrafter(Drafter):
     name = "sequence"
 
     def __init__(self, policy: DraftPolicy | None = None,
-                 sequence: Callable[[UtteranceContext], Sequence[int] | DraftSequence] | None = None):
+                 sequence: Callable[[UtteranceContext], Sequence[int] | DraftSequence] | None = None,
+                 token_text: Callable[[int], str] | None = None):
         super().__init__(policy)
         self._sequence_fn = sequence
+        self._token_text = token_text
         self.seq: DraftSequence = DraftSequence([], [], [])
         self._pos = 0
         self._base = 0
@@ -102,6 +108,11 @@ class SequenceDrafter(Drafter):
         self._pos = expected
         if not self.policy.recycle:
             return
+        if self._token_text is not None:
+            ranked = self._rank_word_resumes(committed, len(committed) - len(new) + m, lo)
+            self._pos = ranked[0][-1]
+            self._others = [r[-1] for r in ranked[1:3]]
+            return
         # Realign: the resume point q whose preceding tokens best explain the last committed
         # tokens (edit distance, free start); ties go to a point whose token before it is the
         # last committed one, then to the one nearest the substitution guess.
@@ -115,6 +126,46 @@ class SequenceDrafter(Drafter):
         ranked.sort()
         self._pos = ranked[0][-1]
         self._others = [r[-1] for r in ranked[1:3]]
+
+    def _words(self, tokens: Sequence[int]) -> list[tuple[int, ...]]:
+        """Tokens grouped into words: a word starts at the first token, at a token whose text
+        starts with a space, and at an end token."""
+        words: list[tuple[int, ...]] = []
+        for i, t in enumerate(tokens):
+            if i == 0 or self._starts_word(t):
+                words.append((t,))
+            else:
+                words[-1] += (t,)
+        return words
+
+    def _starts_word(self, token: int) -> bool:
+        return token in self._stops or self._token_text(token)[:1].isspace()
+
+    def _text(self, words: Sequence[tuple[int, ...]]) -> str:
+        return "".join(self._token_text(t) for word in words for t in word if t not in self._stops)
+
+    def _rank_word_resumes(self, committed: Sequence[int], miss: int, lo: int) -> list[tuple]:
+        """Resume points at the sequence's word starts, best first: the words before a point
+        should explain the last committed words (edit distance over whole words, free start),
+        then a point right after the same last word, then the text before it should (edit distance
+        over characters: "fanaticism" matches "fanatic ism"), then the point nearest the guess
+        that every word the target wrote from the mismatch on (``committed[miss:]``, sequence
+        index ``lo``) replaced one of the sequence's. Words, not tokens, because the target
+        respells what it reads in other tokens ("crim inally" -> "severely")."""
+        seq, w = self.seq.tokens, self.policy.recycle_window
+        words = self._words(seq)
+        starts = list(itertools.accumulate((len(word) for word in words), initial=0))  # token index of word k
+        tail = self._words(committed)[-(w + 1):]
+        tail_text = self._text(tail)
+        at = bisect.bisect_right(starts, lo) - 1  # the word holding the mismatch
+        # the guess: a word the mismatch fell inside is done, then one sequence word per word written
+        expected = at + (lo > starts[at]) + sum(map(self._starts_word, committed[miss:]))
+        ranked = []
+        for k in range(max(0, at - w), min(len(words), expected + w) + 1):
+            before = words[max(0, k - len(tail) - w): k]
+            ranked.append((_suffix_edit_cost(tail, before), not (k > 0 and words[k - 1] == tail[-1]),
+                           _suffix_edit_cost(tail_text, self._text(before)), abs(k - expected), starts[k]))
+        return sorted(ranked)
 
     def propose(self, committed: Sequence[int], depth: int) -> TokenTree:
         t0 = time.perf_counter()
@@ -181,15 +232,17 @@ class CTCDrafter(SequenceDrafter):
 
 
 class TranscriptDrafter(SequenceDrafter):
-    """Drafts the text a transcript projector hands the target (the encoder CTC's greedy
-    transcript, in the LLM's tokens), then the end token: a target that copies what it reads
-    accepts it whole. Batch size 1. No per-token confidence (every token 1.0), so ``adaptive``
-    does not shorten chunks; ``max_draft`` does."""
+    """Drafts the text a transcript projector hands the target (the encoder CTC's transcript, in
+    the LLM's tokens), then the end token: a target that copies what it reads accepts it whole.
+    Batch size 1. No per-token confidence (every token 1.0), so ``adaptive`` does not shorten
+    chunks; ``max_draft`` does. Given the ``tokenizer``, recycling realigns by whole words, not
+    tokens (the LLM respells and joins words it reads: "crim inally" -> "severely")."""
 
     name = "ctc"
 
-    def __init__(self, projector, policy: DraftPolicy | None = None):
-        super().__init__(policy)
+    def __init__(self, projector, policy: DraftPolicy | None = None, tokenizer=None):
+        token_text = None if tokenizer is None else functools.cache(lambda t: tokenizer.decode([t]))
+        super().__init__(policy, token_text=token_text)
         if not isinstance(projector, TranscriptInput):
             raise ValueError("the transcript drafter needs a transcript projector (TranscriptProjector)")
         self.projector = projector

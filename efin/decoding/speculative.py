@@ -153,7 +153,7 @@ def make_drafter(target, draft, policy: DraftPolicy | None = None) -> Drafter:
         if target.has_ctc:
             return CTCDrafter(target.projector, policy)
         if isinstance(target.projector, TranscriptInput):
-            return TranscriptDrafter(target.projector, policy)
+            return TranscriptDrafter(target.projector, policy, target.tokenizer)
         raise ValueError("draft='ctc' needs a target whose projector has a CTC head (projector=ctc) or reads the "
                          "encoder's CTC transcript (projector=transcript)")
     if isinstance(draft, str):

@@ -285,6 +285,7 @@ class TranscriptProjector(nn.Module):
         self.head = nn.Linear(input_dim, self.vocab.size).requires_grad_(False)
         self._tokenizer = None
         self._embeddings: list[nn.Module] = []  # a list, so the LLM's table is not registered (nor saved) here
+        self._last_read: tuple | None = None  # (x, lens, ctc_decoding, token ids) of the last token_ids call
 
     def set_ctc_head(self, ctc_head: dict) -> None:
         """Take the encoder stage's CTC head (``{"vocab": state, "state_dict": ...}``, as artifacts store it)."""
@@ -303,6 +304,7 @@ class TranscriptProjector(nn.Module):
         """The lexicon beam search ``ctc_decoding=lm`` reads with: a callable (CTC log-probabilities
         (B, T, V), lens (B,)) -> B texts (:class:`efin.decoding.ctc.CTCLexiconBeamSearch`)."""
         self._lm_decoder = decoder
+        self._last_read = None
 
     def transcripts(self, x: torch.Tensor, lens: torch.Tensor) -> list[str]:
         """x (B, T, D), lens (B,) -> per item the CTC's transcript: greedy (repeats merged, blanks
@@ -316,11 +318,20 @@ class TranscriptProjector(nn.Module):
         return [self.vocab.decode(torch.unique_consecutive(row[: int(n)]).tolist()) for row, n in zip(best, lens)]
 
     def token_ids(self, x: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
-        """Per item, the LLM token ids of :meth:`transcripts` (at least one: an empty transcript reads as " ")."""
+        """Per item, the LLM token ids of :meth:`transcripts` (at least one: an empty transcript reads as " ").
+
+        Called again with the very same tensors (the prompt, then the transcript drafter of
+        speculative decoding), it returns the ids it read before instead of searching again."""
         if self._tokenizer is None:
             raise RuntimeError("TranscriptProjector.attach(tokenizer, input_embeddings) was not called")
+        last = self._last_read
+        if last is not None and last[0] is x and last[1] is lens and last[2] == self.ctc_decoding:
+            return last[3]
         texts = self.transcripts(x, lens)
-        return [self._tokenizer(text or " ", add_special_tokens=False)["input_ids"] for text in texts]
+        ids = [self._tokenizer(text or " ", add_special_tokens=False)["input_ids"] for text in texts]
+        # kept only without autograd, so no graph outlives its batch
+        self._last_read = None if x.requires_grad else (x, lens, self.ctc_decoding, ids)
+        return ids
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D), lens (B,) -> the LLM's embeddings of the transcripts' tokens (B, N, H), zero-padded; N (B,)."""
