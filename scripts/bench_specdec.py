@@ -11,6 +11,7 @@ Rows (each decodes every utterance at batch size 1; a row whose draft is missing
     ctc_k{K}        the same, chunks of at most K tokens (--ctc-ks)
     ctc_conf        + per-token CTC confidence caps each chunk (--ctc-threshold)
     ctc_recycle     + realignment of the CTC sequence to what the target wrote
+    ctc_by_tokens   a transcript projector's draft realigned by tokens instead of whole words
     ctc_tree        + alternatives / skip branches from the CTC posteriors (sparse tree)
     bound           one teacher-forced target pass over prompt + AR transcript (a perfect draft)
     ar_nn_linear    AR greedy with the LLM's linear layers as plain nn.Linear (only when named in
@@ -47,9 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from efin.decoding.drafters import DraftPolicy  # noqa: E402
-from efin.decoding.sequence_drafters import SequenceDrafter  # noqa: E402
+from efin.decoding.sequence_drafters import SequenceDrafter, TranscriptDrafter  # noqa: E402
 from efin.decoding.speculative import SpeculativeDecoder, make_drafter, summarize  # noqa: E402
 from efin.metrics import wer  # noqa: E402
+from efin.models.protocols import TranscriptInput  # noqa: E402
 from efin.text import normalize  # noqa: E402
 
 
@@ -72,6 +74,8 @@ def rows_for(args, target, draft) -> dict[str, tuple[object, DraftPolicy]]:
         conf = dict(max_draft=whole, adaptive=True, threshold=args.ctc_threshold)
         rows["ctc_conf"] = ("ctc", DraftPolicy(**conf))
         rows["ctc_recycle"] = ("ctc", DraftPolicy(**conf, recycle=True))
+        if isinstance(target.projector, TranscriptInput):  # the transcript draft realigned by tokens, not words
+            rows["ctc_by_tokens"] = ("text_by_tokens", DraftPolicy(**conf, recycle=True))
         rows["ctc_tree"] = ("ctc", DraftPolicy(**conf, recycle=True, tree=True, tree_threshold=args.tree_threshold,
                                                tree_top_k=args.tree_top_k, tree_budget=max(args.tree_budget, whole)))
     rows["bound"] = ("oracle", DraftPolicy(max_draft=10_000))
@@ -91,6 +95,8 @@ def run(target, draft, utterances, args, plain_target=None) -> dict:
     for name, (d, policy) in rows.items():
         if d == "oracle":  # replays AR's output (set just before each call)
             decoders[name] = SpeculativeDecoder(target, SequenceDrafter(policy, lambda ctx: oracle_next[0]))
+        elif d == "text_by_tokens":
+            decoders[name] = SpeculativeDecoder(target, TranscriptDrafter(target.projector, policy))
         elif d == "nn_linear":
             plain = plain_target or target  # --tiny: the tiny models are never swapped
             decoders[name] = SpeculativeDecoder(plain, make_drafter(plain, None, policy))
