@@ -110,22 +110,23 @@ class SequenceDrafter(Drafter):
             return
         if self._token_text is not None:
             ranked = self._rank_word_resumes(committed, len(committed) - len(new) + m, lo)
-            self._pos = ranked[0][-1]
-            self._others = [r[-1] for r in ranked[1:3]]
-            return
-        # Realign: the resume point q whose preceding tokens best explain the last committed
-        # tokens (edit distance, free start); ties go to a point whose token before it is the
-        # last committed one, then to the one nearest the substitution guess.
-        w = self.policy.recycle_window
+        else:
+            ranked = self._rank_token_resumes(committed, lo, expected)
+        self._pos = ranked[0][-1]
+        self._others = [r[-1] for r in ranked[1:3]]
+
+    def _rank_token_resumes(self, committed: Sequence[int], lo: int, expected: int) -> list[tuple]:
+        """Resume points q, best first: the one whose preceding tokens best explain the last
+        committed tokens (edit distance, free start); ties go to a point whose token before it is
+        the last committed one, then to the one nearest the substitution guess ``expected``."""
+        seq, w = self.seq.tokens, self.policy.recycle_window
         tail = list(committed[-(w + 1) :])
         ranked = []
         for q in range(max(0, lo - w), min(len(seq), expected + w) + 1):
             cost = _suffix_edit_cost(tail, seq[max(0, q - len(tail) - w) : q])
             ends_alike = q > 0 and seq[q - 1] == tail[-1]  # local evidence: the same last token
             ranked.append((cost, not ends_alike, abs(q - expected), q))
-        ranked.sort()
-        self._pos = ranked[0][-1]
-        self._others = [r[-1] for r in ranked[1:3]]
+        return sorted(ranked)
 
     def _words(self, tokens: Sequence[int]) -> list[tuple[int, ...]]:
         """Tokens grouped into words: a word starts at the first token, at a token whose text
