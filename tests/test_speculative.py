@@ -185,6 +185,20 @@ def test_greedy_accept_walks_the_argmax():
     assert acc.path == [3, 4] and acc.tokens == [50, 51, 7]
 
 
+def test_relaxed_acceptance_takes_drafted_tokens_within_the_margin():
+    """accept_margin > 0: a drafted token the target finds almost as likely as its best is taken
+    (the likeliest such child); a margin of 0 is exactly greedy acceptance."""
+    tree = _tree()  # root -> {40, 50}; 40 -> {41, 60}
+    logits = torch.zeros(8, 100)
+    logits[0, 99], logits[0, 50], logits[0, 40] = 3.0, 2.6, 2.2  # best 99; 50 is 0.4 nats behind, 40 0.8
+    logits[1 + 3, 51] = 1.0  # after 50 the target wants 51: greedy acceptance again
+    assert greedy_accept(tree, logits).tokens == [99]
+    assert greedy_accept(tree, logits, margin=0.3).tokens == [99]
+    acc = greedy_accept(tree, logits, margin=0.5)
+    assert acc.path == [3, 4] and acc.logits_rows == [0, 4, 5] and acc.tokens[:2] == [50, 51]
+    assert greedy_accept(tree, logits, margin=1.0).path[0] == 3  # 50 (likelier) over 40
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_tree_verification_gives_each_branch_its_own_logits(batch, attn):
     """One forward over a tree (additive 4-D mask, depth positions) scores every node as if its

@@ -151,6 +151,34 @@ def test_speculative_transcript_draft_equals_greedy(transcript_llm):
     assert len(searches) == 6  # 3 greedy decodings + 3 speculative: the draft reuses what the prompt read
 
 
+def test_trained_draft_reads_the_targets_transcript(transcript_llm):
+    """A draft SpeechLLM of a transcript LLM (here: a second copy of it) reads what its target reads,
+    also when the target reads with the word LM, without a search of its own; lossless."""
+    from efin.decoding.generate import generate
+
+    root, _, _ = transcript_llm
+    artifact = root / "outputs" / "default" / "llm_tiny_transcript" / "artifact"
+    rec, featurizer = load_recognizer(artifact, speculative={"draft": str(artifact)}, transcript_decoding="lm")
+    target, draft = rec.model.projector, rec.speculative.drafter.draft.projector
+    assert target.ctc_decoding == "lm" and draft.ctc_decoding == "lm"  # the draft artifact was trained greedy
+    searches = []
+    search = target._lm_decoder
+    target._lm_decoder = lambda *a: searches.append(1) or search(*a)
+    _never_blank(target.head)
+    _never_blank(draft.head)
+    torch.manual_seed(0)
+    for n in (150, 90):
+        feats, lens = torch.randn(1, n, featurizer.n_mels), torch.tensor([n])
+        assert rec.transcribe(feats, lens) == generate(rec.model, feats, lens)
+        (stats,) = rec.last_stats
+        assert stats.draft_forwards > 0 and stats.committed == sum(stats.accepted)
+    assert len(searches) == 4  # 2 speculative + 2 greedy: the draft's prompt reused the target's read
+    # another CTC head: the draft reads on its own, as built
+    with torch.no_grad():
+        draft.head.weight.add_(1.0)
+    assert not draft.read_from(load_recognizer(artifact)[0].model.projector)
+
+
 def test_recall_script_scores_what_the_llm_reads(transcript_llm, capsys):
     """scripts/token_ctc_recall.py on a transcript artifact: the input's WER / CER as text and
     its bag-of-tokens recall; the pure helpers count with multiplicity."""

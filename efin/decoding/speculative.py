@@ -17,12 +17,18 @@ the target token for token (fp32; same stop tokens, same length limit
 ``SpeechLLM.max_new_tokens_for``), whatever the drafter proposes. With :class:`NoDrafter` the
 loop is autoregressive greedy decoding itself, the baseline in the same harness.
 
+``accept_margin`` > 0 relaxes the acceptance (lossy, off by default): a drafted token is also
+taken where the target finds it within that many nats of its best. The output then depends on
+the draft; with the transcript a transcript LLM reads as the draft, it is greedy generation that
+keeps a read word unless the LLM is sure of another (README Results).
+
 The target LLM is only called through ``efin.decoding.llm_search.forward_step`` (one place to
 follow transformers' keyword changes).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -35,6 +41,8 @@ from efin.decoding.loops import trim_loop
 from efin.decoding.sequence_drafters import CTCDrafter, TranscriptDrafter
 from efin.decoding.tree import TokenTree, compact_cache, greedy_accept, tree_attention_mask, tree_position_ids
 from efin.models.protocols import TranscriptInput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +61,13 @@ class SpeculativeConfig(DraftPolicy):
     draft: str = "ctc"
     adaptive: bool = True
     recycle: bool = True
+    accept_margin: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.accept_margin < 0:
+            raise ValueError(f"decode.speculative.accept_margin must be >= 0 (nats; 0 = lossless), "
+                             f"got {self.accept_margin}")
 
     @property
     def policy(self) -> DraftPolicy:
@@ -160,7 +175,13 @@ def make_drafter(target, draft, policy: DraftPolicy | None = None) -> Drafter:
         raise ValueError(f"draft {draft!r}: resolve a draft stage run to a built SpeechLLM first")
     if draft.prompt.end_id != target.prompt.end_id or len(draft.tokenizer) != len(target.tokenizer):
         raise ValueError("the draft must share the target's tokenizer (same ids, same end token)")
-    return SpeechLLMDrafter(draft, policy, share_encoder=same_encoder(target.encoder, draft.encoder))
+    share = same_encoder(target.encoder, draft.encoder)
+    # A draft of a transcript LLM reads the very transcript its target reads (greedy or CTC + word LM).
+    transcripts = isinstance(draft.projector, TranscriptInput) and isinstance(target.projector, TranscriptInput)
+    if share and transcripts and not draft.projector.read_from(target.projector):
+        log.warning("the draft's transcript projector has another CTC head than the target's: it reads "
+                    "its own %s transcript", draft.projector.ctc_decoding)
+    return SpeechLLMDrafter(draft, policy, share_encoder=share)
 
 
 def same_encoder(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -175,15 +196,16 @@ def same_encoder(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 class SpeculativeDecoder:
-    """Greedy speculative decoding of ``target`` with ``drafter``; lossless (see module doc).
+    """Greedy speculative decoding of ``target`` with ``drafter``; lossless unless ``accept_margin`` > 0.
 
     Batch size 1 inside; :meth:`decode` takes a padded batch and decodes it utterance by
     utterance. ``stats`` holds the :class:`UtteranceStats` of the last :meth:`decode` call.
     """
 
-    def __init__(self, target, drafter: Drafter | None = None):
+    def __init__(self, target, drafter: Drafter | None = None, accept_margin: float = 0.0):
         self.target = target
         self.drafter = drafter or NoDrafter()
+        self.accept_margin = accept_margin  # > 0: relaxed acceptance (greedy_accept), not lossless
         self.stats: list[UtteranceStats] = []
 
     @classmethod
@@ -196,10 +218,10 @@ class SpeculativeDecoder:
         if config.draft in ("ctc", "none"):
             if draft is not None:
                 raise ValueError(f"draft={config.draft!r} takes no draft model")
-            return cls(target, make_drafter(target, config.draft, config.policy))
+            return cls(target, make_drafter(target, config.draft, config.policy), config.accept_margin)
         if draft is None:
             raise ValueError(f"draft {config.draft!r} names a draft model: build it and pass draft=")
-        return cls(target, make_drafter(target, draft, config.policy))
+        return cls(target, make_drafter(target, draft, config.policy), config.accept_margin)
 
     # ------------------------------------------------------------------------------------------
 
@@ -269,7 +291,7 @@ class SpeculativeDecoder:
 
             t0 = time.perf_counter()
             logits, state, past = verify(target.llm, state, lead, tree)
-            acc = greedy_accept(tree, logits)
+            acc = greedy_accept(tree, logits, self.accept_margin)
             log_probs = logits.log_softmax(-1)
             committed, done = 0, False
             for tok, row in zip(acc.tokens, acc.logits_rows):

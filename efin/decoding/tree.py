@@ -142,27 +142,36 @@ class Acceptance:
     logits_rows: list[int]
 
 
-def greedy_accept(tree: TokenTree, logits: torch.Tensor) -> Acceptance:
+def greedy_accept(tree: TokenTree, logits: torch.Tensor, margin: float = 0.0) -> Acceptance:
     """Walk the tree along the target's argmax.
 
     Args:
         logits: (1 + Q, V) target logits: row 0 at the root (predicts the root's children),
             row 1 + i at node i (predicts node i's children).
+        margin: 0 (lossless): a drafted token is accepted only where it is the target's argmax.
+            > 0 (relaxed, lossy): also where the target's log-probability of it is within
+            ``margin`` nats of its best (among such children, the likeliest).
 
     Returns:
-        the longest path whose every token equals the target's argmax at its parent, plus the
-        argmax after it (the bonus token).
+        the longest path whose every token the target accepts at its parent, plus the argmax
+        after it (the bonus token).
     """
     best = logits.argmax(-1).tolist()
+    log_probs = logits.float().log_softmax(-1) if margin > 0 else None
     kids: dict[int, dict[int, int]] = {}
     for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents)):
         kids.setdefault(p, {}).setdefault(tok, i)  # first sibling wins among duplicates
     node, row, path, tokens, rows = ROOT, 0, [], [], []
     while True:
-        want = best[row]
-        tokens.append(want)
+        options = kids.get(node, {})
+        child = options.get(best[row])
+        if child is None and log_probs is not None and options:
+            scores = log_probs[row]
+            tok = max(options, key=lambda t: float(scores[t]))
+            if float(scores[tok]) >= float(scores[best[row]]) - margin:
+                child = options[tok]
+        tokens.append(best[row] if child is None else tree.tokens[child])
         rows.append(row)
-        child = kids.get(node, {}).get(want)
         if child is None:
             return Acceptance(path, tokens, rows)
         path.append(child)

@@ -286,6 +286,7 @@ class TranscriptProjector(nn.Module):
         self._tokenizer = None
         self._embeddings: list[nn.Module] = []  # a list, so the LLM's table is not registered (nor saved) here
         self._last_read: tuple | None = None  # (x, lens, ctc_decoding, token ids) of the last token_ids call
+        self._reads_from: TranscriptProjector | None = None  # read_from: another projector reads for this one
 
     def set_ctc_head(self, ctc_head: dict) -> None:
         """Take the encoder stage's CTC head (``{"vocab": state, "state_dict": ...}``, as artifacts store it)."""
@@ -306,6 +307,17 @@ class TranscriptProjector(nn.Module):
         self._lm_decoder = decoder
         self._last_read = None
 
+    def read_from(self, other: TranscriptProjector) -> bool:
+        """Read whatever ``other`` reads (a speculative target's projector, for its draft's): its
+        decoding mode and its last read, so the draft is handed the target's transcript without a
+        second word-LM search. Only with the same CTC head (the same text from the same encoder
+        output) and, the caller's check, the same tokenizer; returns whether it took effect."""
+        mine, theirs = self.head.state_dict(), other.head.state_dict()
+        same = other.symbols == self.symbols and all(torch.equal(mine[k], theirs[k].to(mine[k].device)) for k in mine)
+        if same:
+            self._reads_from, self.ctc_decoding, self._last_read = other, other.ctc_decoding, None
+        return same
+
     def transcripts(self, x: torch.Tensor, lens: torch.Tensor) -> list[str]:
         """x (B, T, D), lens (B,) -> per item the CTC's transcript: greedy (repeats merged, blanks
         dropped), or with ``ctc_decoding=lm`` the word LM beam search's best."""
@@ -322,6 +334,8 @@ class TranscriptProjector(nn.Module):
 
         Called again with the very same tensors (the prompt, then the transcript drafter of
         speculative decoding), it returns the ids it read before instead of searching again."""
+        if self._reads_from is not None:
+            return self._reads_from.token_ids(x, lens)
         if self._tokenizer is None:
             raise RuntimeError("TranscriptProjector.attach(tokenizer, input_embeddings) was not called")
         last = self._last_read

@@ -58,6 +58,8 @@ class TranscriptInput(Protocol):
     symbols: list[str]  # the encoder CTC's vocabulary
     ctc_decoding: str  # greedy | lm (lexicon beam search with the encoder stage's word LM)
 
+    def read_from(self, other: TranscriptInput) -> bool: ...  # a draft reads its target's transcript
+
     def set_ctc_head(self, ctc_head: dict) -> None: ...
 
     def set_lm_decoder(self, decoder) -> None: ...
