@@ -13,6 +13,8 @@ Rows (each decodes every utterance at batch size 1; a row whose draft is missing
     ctc_recycle     + realignment of the CTC sequence to what the target wrote
     ctc_by_tokens   a transcript projector's draft realigned by tokens instead of whole words
     ctc_tree        + alternatives / skip branches from the CTC posteriors (sparse tree)
+    ctc_relaxed     ctc_recycle with relaxed acceptance (--accept-margin nats): lossy, so its
+                    identical-to-AR share and WER are the point
     bound           one teacher-forced target pass over prompt + AR transcript (a perfect draft)
     ar_nn_linear    AR greedy with the LLM's linear layers as plain nn.Linear (only when named in
                     --rows; every other row uses efin.models.cpu_linear on CPU, as efin.evaluate)
@@ -74,6 +76,7 @@ def rows_for(args, target, draft) -> dict[str, tuple[object, DraftPolicy]]:
         conf = dict(max_draft=whole, adaptive=True, threshold=args.ctc_threshold)
         rows["ctc_conf"] = ("ctc", DraftPolicy(**conf))
         rows["ctc_recycle"] = ("ctc", DraftPolicy(**conf, recycle=True))
+        rows["ctc_relaxed"] = ("ctc", DraftPolicy(**conf, recycle=True))  # run with --accept-margin
         if isinstance(target.projector, TranscriptInput):  # the transcript draft realigned by tokens, not words
             rows["ctc_by_tokens"] = ("text_by_tokens", DraftPolicy(**conf, recycle=True))
         rows["ctc_tree"] = ("ctc", DraftPolicy(**conf, recycle=True, tree=True, tree_threshold=args.tree_threshold,
@@ -101,7 +104,8 @@ def run(target, draft, utterances, args, plain_target=None) -> dict:
             plain = plain_target or target  # --tiny: the tiny models are never swapped
             decoders[name] = SpeculativeDecoder(plain, make_drafter(plain, None, policy))
         else:
-            decoders[name] = SpeculativeDecoder(target, make_drafter(target, d, policy))
+            margin = args.accept_margin if name.endswith("_relaxed") else 0.0
+            decoders[name] = SpeculativeDecoder(target, make_drafter(target, d, policy), margin)
     stats = {name: [] for name in rows}
     tokens = {name: [] for name in rows}
     texts = {name: [] for name in rows}
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--ctc-threshold", type=float, default=0.5, help="CTC rows: chunk ends after a token below this"
     )
+    parser.add_argument("--accept-margin", type=float, default=2.0, help="ctc_relaxed: acceptance margin (nats)")
     parser.add_argument(
         "--transcript-decoding", choices=["greedy", "lm"],
         help="a projector=transcript target: read the CTC greedily or with the word LM (decode.transcript_decoding)",

@@ -483,7 +483,7 @@ def _target_no_ctc():
 
 
 def test_bench_script_tiny_smoke(tmp_path):
-    """scripts/bench_specdec.py --tiny runs every row on tiny random models; every row is
+    """scripts/bench_specdec.py --tiny runs every row on tiny random models; every lossless row is
     identical to AR and the one-pass bound takes one target forward per utterance."""
     from tests.conftest import load_script
 
@@ -491,8 +491,9 @@ def test_bench_script_tiny_smoke(tmp_path):
     out = tmp_path / "bench.json"
     results = bench.main(["--tiny", "--threads", "1", "--ks", "4", "--out", str(out)])
     rows = results["sets"]["tiny"]
-    assert {"ar", "sd_k4", "adaptive", "recycle", "specasr", "ctc", "ctc_recycle", "ctc_tree", "bound"} <= set(rows)
-    assert all(r["identical_to_ar"] == 1.0 for r in rows.values())
+    assert {"ar", "sd_k4", "adaptive", "recycle", "specasr", "ctc", "ctc_recycle", "ctc_tree", "ctc_relaxed",
+            "bound"} <= set(rows)
+    assert all(r["identical_to_ar"] == 1.0 for name, r in rows.items() if name != "ctc_relaxed")
     assert rows["bound"]["target_forwards_per_utt"] == 1.0
     assert rows["ar"]["mean_accepted_length"] == 1.0
     assert out.exists()
