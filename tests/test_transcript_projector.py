@@ -179,6 +179,23 @@ def test_trained_draft_reads_the_targets_transcript(transcript_llm):
     assert not draft.read_from(load_recognizer(artifact)[0].model.projector)
 
 
+def test_draft_distilled_from_the_transcript_llm_reads_what_it_reads(transcript_llm):
+    """experiment=transcript_draft_distill: a draft of the transcript LLM trains on the target's
+    distribution, the target reading the very transcript the draft reads (here with the word LM)."""
+    from efin.stages.distill import DistillTarget
+
+    root, data_dir, _ = transcript_llm
+    metrics = _train(root, data_dir, ["experiment=transcript_draft_distill", "llm=tiny_draft",
+                                      "stage.module.distill.target=llm_tiny_transcript", "projector.ctc_decoding=lm"])
+    assert 0.0 <= float(metrics["val/agree/dev"]) <= 1.0
+    outputs = root / "outputs" / "default"
+    draft, featurizer = load_recognizer(outputs / "llm_tiny_draft_transcript" / "artifact")
+    assert draft.model.projector.ctc_decoding == "lm"
+    target = DistillTarget.build(load_artifact(outputs / "llm_tiny_transcript" / "artifact"), draft.model,
+                                 dict(featurizer.config), train_encoder=False)
+    assert target.share_encoder and target.model.projector.ctc_decoding == "lm"  # trained greedy, reads the draft's
+
+
 def test_recall_script_scores_what_the_llm_reads(transcript_llm, capsys):
     """scripts/token_ctc_recall.py on a transcript artifact: the input's WER / CER as text and
     its bag-of-tokens recall; the pure helpers count with multiplicity."""

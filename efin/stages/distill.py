@@ -12,7 +12,8 @@ teacher-forced on the same batch as the draft, and
 
 The target runs its own projector, prompt and LLM on the draft's encoder output when the two
 encoders are equal (the usual case: both start from one encoder artifact and keep it frozen),
-else its own encoder on the features.
+else its own encoder on the features. A transcript target (``projector=transcript``) then reads
+the transcript its draft reads, however the draft's stage reads it (``projector.ctc_decoding``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 from efin.artifacts import ArtifactError, load_artifact
 from efin.handoff import SpeechLLMHandoff, differences
 from efin.models.prompt import IGNORE_INDEX
+from efin.models.protocols import TranscriptInput
 from efin.models.speech_llm import LabelLogits, SpeechLLM, SpeechLLMOutput
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,8 @@ class DistillTarget:
                 "target's tokenizer (a draft cut from that target, e.g. llm=<target>_draft)"
             )
         share = not train_encoder and cls._same_encoder(model.encoder, draft.encoder)
+        if share and isinstance(model.projector, TranscriptInput) and isinstance(draft.projector, TranscriptInput):
+            model.projector.read_from(draft.projector)  # the target reads the draft's transcript (greedy or word LM)
         log.info("Distillation target llm=%s (%s artifact) loaded; %s", handoff.llm.tag, handoff.stage,
                  "sharing the draft's encoder output" if share else "running its own encoder (the encoders differ)")
         return cls(model, share)
