@@ -405,7 +405,8 @@ class SpeechLLMStart:
         if self.previous is not None:
             if config.get("symbols", ()) is None:  # filled in from the encoder's CTC head when first built
                 config["symbols"] = self.previous.projector.config.get("symbols")
-            diff = differences(self.previous.projector.config, config)
+            # how a transcript projector reads the CTC is a setting, not weights: a run may continue reading another way
+            diff = differences(self.previous.projector.config, config, ignore=frozenset({"ctc_decoding"}))
             if diff:
                 widths = {k: v for k, v in diff.items() if k in ("input_dim", "output_dim")}
                 what = "width mismatch" if widths else "a different projector"

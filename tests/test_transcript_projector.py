@@ -194,6 +194,11 @@ def test_draft_distilled_from_the_transcript_llm_reads_what_it_reads(transcript_
     target = DistillTarget.build(load_artifact(outputs / "llm_tiny_transcript" / "artifact"), draft.model,
                                  dict(featurizer.config), train_encoder=False)
     assert target.share_encoder and target.model.projector.ctc_decoding == "lm"  # trained greedy, reads the draft's
+    # how the transcript is read is a setting, not weights: training may continue reading it another way
+    _train(root, data_dir, ["experiment=transcript_draft_distill", "llm=tiny_draft",
+                            "stage.module.distill.target=llm_tiny_transcript", "stage.run_name=draft_greedy",
+                            f"stage.init_from={outputs / 'llm_tiny_draft_transcript' / 'artifact'}"])
+    assert load_recognizer(outputs / "draft_greedy" / "artifact")[0].model.projector.ctc_decoding == "greedy"
 
 
 def test_recall_script_scores_what_the_llm_reads(transcript_llm, capsys):
