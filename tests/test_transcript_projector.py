@@ -186,6 +186,7 @@ def test_draft_distilled_from_the_transcript_llm_reads_what_it_reads(transcript_
 
     root, data_dir, _ = transcript_llm
     metrics = _train(root, data_dir, ["experiment=transcript_draft_distill", "llm=tiny_draft",
+                                      "llm.model.num_layers=1",  # the tiny target has 2 layers
                                       "stage.module.distill.target=llm_tiny_transcript", "projector.ctc_decoding=lm"])
     assert 0.0 <= float(metrics["val/agree/dev"]) <= 1.0
     outputs = root / "outputs" / "default"
@@ -195,7 +196,7 @@ def test_draft_distilled_from_the_transcript_llm_reads_what_it_reads(transcript_
                                  dict(featurizer.config), train_encoder=False)
     assert target.share_encoder and target.model.projector.ctc_decoding == "lm"  # trained greedy, reads the draft's
     # how the transcript is read is a setting, not weights: training may continue reading it another way
-    _train(root, data_dir, ["experiment=transcript_draft_distill", "llm=tiny_draft",
+    _train(root, data_dir, ["experiment=transcript_draft_distill", "llm=tiny_draft", "llm.model.num_layers=1",
                             "stage.module.distill.target=llm_tiny_transcript", "stage.run_name=draft_greedy",
                             f"stage.init_from={outputs / 'llm_tiny_draft_transcript' / 'artifact'}"])
     assert load_recognizer(outputs / "draft_greedy" / "artifact")[0].model.projector.ctc_decoding == "greedy"
