@@ -11,7 +11,7 @@ from torch import nn
 
 from efin.decoding.generate import decode as llm_decode
 from efin.decoding.speculative import SpeculativeDecoder, make_drafter
-from efin.models.cpu_linear import MAX_ROWS, CPULinear, for_decoding, use_cpu_linear
+from efin.models.cpu_linear import KERNELS, MAX_ROWS, CPULinear, fastest_kernel, for_decoding, use_cpu_linear
 from tests.conftest import padded_feature_batch
 from tests.test_speculative import MAX_NEW, _target
 
@@ -27,6 +27,39 @@ def test_forward_equals_linear(shape, bias):
         want, got = F.linear(x, linear.weight, linear.bias), fast(x)
     assert got.shape == want.shape == (*shape[:-1], 11)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_every_kernel_computes_the_linear_product(name):
+    torch.manual_seed(0)
+    linear = nn.Linear(7, 11, bias=False)
+    fast = CPULinear.from_linear(linear)
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, 7)
+        torch.testing.assert_close(KERNELS[name](fast, x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fastest_kernel_is_chosen_once_per_shape_and_row_bucket(monkeypatch):
+    """Timed on first use, then remembered: 3 and 4 rows share a bucket, 5 rows do not."""
+    import efin.models.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "_FASTEST", {})
+    calls = []
+
+    def counted(kernel):
+        def run(layer, rows):
+            calls.append(rows.shape[0])
+            return kernel(layer, rows)
+        return run
+
+    monkeypatch.setattr(cpu_linear, "KERNELS", {name: counted(k) for name, k in KERNELS.items()})
+    fast = CPULinear.from_linear(nn.Linear(7, 11))
+    with torch.no_grad():
+        first = fastest_kernel(fast, torch.randn(3, 7), repeats=2)
+        assert first in KERNELS and len(calls) == 3 * (1 + 2)
+        assert fastest_kernel(fast, torch.randn(4, 7)) == first and len(calls) == 9
+        fastest_kernel(fast, torch.randn(5, 7), repeats=2)
+        assert len(calls) == 18 and len(cpu_linear._FASTEST) == 2
 
 
 def test_training_path_is_plain_linear():
