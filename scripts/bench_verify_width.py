@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--cache-dir", default=None, help="where the LLM's pretrained weights are cached")
     parser.add_argument("--transcript-decoding", choices=["greedy", "lm"],
-                        help="a projector=transcript target: the transcript its prompts hold (decode.transcript_decoding)")
+                        help="a projector=transcript target: its prompts' transcript (decode.transcript_decoding)")
     parser.add_argument("--out", default=str(REPO / "scripts/bench_verify_width.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
