@@ -41,6 +41,7 @@ from efin.decoding.loops import trim_loop
 from efin.decoding.sequence_drafters import CTCDrafter, TranscriptDrafter
 from efin.decoding.tree import TokenTree, compact_cache, greedy_accept, tree_attention_mask, tree_position_ids
 from efin.models.protocols import TranscriptInput
+from efin.models.weights import same_weights
 
 log = logging.getLogger(__name__)
 
@@ -175,24 +176,13 @@ def make_drafter(target, draft, policy: DraftPolicy | None = None) -> Drafter:
         raise ValueError(f"draft {draft!r}: resolve a draft stage run to a built SpeechLLM first")
     if draft.prompt.end_id != target.prompt.end_id or len(draft.tokenizer) != len(target.tokenizer):
         raise ValueError("the draft must share the target's tokenizer (same ids, same end token)")
-    share = same_encoder(target.encoder, draft.encoder)
+    share = same_weights(target.encoder, draft.encoder)  # equal encoders: the draft reuses the target's output
     # A draft of a transcript LLM reads the very transcript its target reads (greedy or CTC + word LM).
     transcripts = isinstance(draft.projector, TranscriptInput) and isinstance(target.projector, TranscriptInput)
     if share and transcripts and not draft.projector.read_from(target.projector):
         log.warning("the draft's transcript projector has another CTC head than the target's: it reads "
                     "its own %s transcript", draft.projector.ctc_decoding)
     return SpeechLLMDrafter(draft, policy, share_encoder=share)
-
-
-def same_encoder(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Whether two encoders compute the same function (same object or equal weights), so the
-    draft can reuse the target encoder's output."""
-    if a is b:
-        return True
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa
-    )
 
 
 class SpeculativeDecoder:

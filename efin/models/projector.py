@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from efin.models.weights import same_weights
 from efin.tokenizer import CharVocab
 
 
@@ -312,8 +313,7 @@ class TranscriptProjector(nn.Module):
         decoding mode and its last read, so the draft is handed the target's transcript without a
         second word-LM search. Only with the same CTC head (the same text from the same encoder
         output) and, the caller's check, the same tokenizer; returns whether it took effect."""
-        mine, theirs = self.head.state_dict(), other.head.state_dict()
-        same = other.symbols == self.symbols and all(torch.equal(mine[k], theirs[k].to(mine[k].device)) for k in mine)
+        same = other.symbols == self.symbols and same_weights(self.head, other.head)
         if same:
             self._reads_from, self.ctc_decoding, self._last_read = other, other.ctc_decoding, None
         return same

@@ -30,6 +30,7 @@ from efin.handoff import SpeechLLMHandoff, differences
 from efin.models.prompt import IGNORE_INDEX
 from efin.models.protocols import TranscriptInput
 from efin.models.speech_llm import LabelLogits, SpeechLLM, SpeechLLMOutput
+from efin.models.weights import same_weights
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,7 @@ class DistillTarget:
     def _same_encoder(a, b) -> bool:
         if differences(dict(a.config), dict(b.config), ignore=frozenset({"dropout"})):
             return False
-        sa, sb = a.state_dict(), b.state_dict()
-        return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
+        return same_weights(a, b)
 
     def follow(self, like: torch.Tensor) -> None:
         """Move the target to ``like``'s device and dtype (the draft's LLM weights) when it is elsewhere."""
