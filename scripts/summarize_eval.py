@@ -46,7 +46,8 @@ def main(name: str, eval_dir: str = "eval") -> None:
             cells.append(f"{100 * m['cer']:.1f} / {100 * m['wer']:.1f} %")
             rtf.append(f"{m['real_time_factor']:.3f}")
             long.append(str(runaway(root / label / f"{split}.hyps.jsonl")))
-        print(f"| {label} | " + " | ".join(cells) + f" | {', '.join(rtf) or '-'} | {', '.join(long) or '-'} |")
+        if rtf:  # decodings this chain never ran are left out
+            print(f"| {label} | " + " | ".join(cells) + f" | {', '.join(rtf)} | {', '.join(long)} |")
 
 
 if __name__ == "__main__":
