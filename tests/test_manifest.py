@@ -242,15 +242,15 @@ def test_json_error_column_of_an_unclosed_object(corpus):
 
 
 def test_decoding_is_cached_by_path_size_and_mtime(corpus, monkeypatch, tmp_path_factory):
-    from efin.data import manifest as manifest_module
+    from efin.data import audio_probe
 
     root, good = corpus
     make_audio(root / "audio" / "b.flac", 2.0)
     manifest = write_lines(root / "m.jsonl", [good, {"audio_filepath": "audio/b.flac", "duration": 2.0, "text": "b"}])
     cache = tmp_path_factory.mktemp("cache")
     decoded = []
-    real = manifest_module.probe_audio
-    monkeypatch.setattr(manifest_module, "probe_audio", lambda p: (decoded.append(Path(p).name), real(p))[1])
+    real = audio_probe.probe_audio
+    monkeypatch.setattr(audio_probe, "probe_audio", lambda p: (decoded.append(Path(p).name), real(p))[1])
     assert len(load_manifest(manifest, cache_dir=cache)) == 2
     assert sorted(decoded) == ["a.flac", "b.flac"]
     decoded.clear()
