@@ -1,23 +1,26 @@
 """Run the whole EFIN chain for the target LLM and its draft, then score every artifact on test.
 
-    python -m efin.pipeline budget=quickstart      # the whole chain in 10-20 min on 2 CPU cores (a first look)
-    python -m efin.pipeline                        # (= scripts/run_pipeline.py) defaults: encoder once, then
-                                                   # projector + llm for smollm2 and smollm2_draft (see README
-                                                   # Results for its time)
+    python -m efin.pipeline budget=quickstart      # the whole chain in about 15 min on 2 CPU cores (a first look)
+    python -m efin.pipeline                        # (= scripts/run_pipeline.py) the default chain: a Whisper
+                                                   # encoder fine-tuned with CTC, then the SmolLM2 target and
+                                                   # its draft reading its transcript (README Results: its time)
+    python -m efin.pipeline --chain projector      # the Conformer encoder from scratch, then projector + llm
+                                                   # for smollm2 and smollm2_draft (the LLMs read its embeddings)
     python -m efin.pipeline name=exp1 trainer=gpu  # extra Hydra overrides go to every stage
-    python -m efin.pipeline --llms tiny,tiny_draft name=smoke data=tiny encoder=tiny projector=tiny
+    python -m efin.pipeline --chain projector --llms tiny,tiny_draft name=smoke data=tiny encoder=tiny projector=tiny
                                                    # a smoke test of the chain in about a minute
     python -m efin.pipeline --eval-only name=exp1  # only evaluate the artifacts already trained
 
-Each step is an ordinary ``python -m efin.train stage=...`` run (its own process, run dir and
+Each step is an ordinary ``python -m efin.train ...`` run (its own process, run dir and
 artifact under outputs/<name>/), so a failed step can be re-run alone with the printed command;
-``--skip-encoder`` reuses an existing encoder artifact. A draft LLM's stages use its recipes
-when they exist (conf/experiment/<llm>_projector.yaml, <llm>_distill.yaml: trained to agree with
-the target). Afterwards ``python -m efin.evaluate`` decodes every test set with each artifact
-(encoder with its word LM and greedy, projector_<llm>, llm_<llm>; the target's llm also with
-joint CTC/LLM decoding and rescoring the encoder's n-best) into
-outputs/<name>/eval/<run>/ and the WER/CER table is printed and written to
-outputs/<name>/pipeline_results.json.
+``--skip-encoder`` reuses an existing encoder artifact. The default chain's steps are recipes
+(conf/experiment/whisper_ctc.yaml, transcript_llm.yaml, transcript_draft_distill.yaml); in the
+projector chain a draft LLM's stages use its recipes when they exist
+(conf/experiment/<llm>_projector.yaml, <llm>_distill.yaml: trained to agree with the target).
+Afterwards ``python -m efin.evaluate`` decodes every test set with each artifact (encoder with its
+word LM and greedy, every projector and llm; the target's llm also with joint CTC/LLM decoding
+and rescoring the encoder's n-best) into outputs/<name>/eval/<run>/ and the WER/CER table is
+printed and written to outputs/<name>/pipeline_results.json.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from efin.data.datamodule import named_test_sets
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
+CHAINS = ("transcript", "projector")  # --chain: chain_steps()
 
 
 
@@ -51,22 +55,40 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
-def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict]:
-    """Ordered steps: {run, train (argv) or None, artifact, evals: {test set: argv}, metrics: {test set: path}}."""
-    stages = [] if skip_encoder else [["stage=encoder"]]
+def chain_steps(chain: str, llms: list[str]) -> tuple[list[list[str]], list[str], list[str], list[str]]:
+    """A chain's training steps in order (each its own options, the encoder's first), the options
+    every training step takes, the decoding options of every LLM artifact's evaluations, and
+    those of the target's joint CTC/LLM decoding."""
+    if chain == "transcript":
+        # A pretrained Whisper encoder fine-tuned with CTC; the target and its draft read the CTC's
+        # transcript as text (projector=transcript: the LLM's own embeddings, nothing to align, so
+        # no projector stage) and decode reading its CTC + word LM decoding (README Results).
+        steps = [["experiment=whisper_ctc"], ["experiment=transcript_llm"], ["experiment=transcript_draft_distill"]]
+        # One joint hypothesis: as good as 4 on its dev set at 0.68x the time (README Results).
+        return steps, ["encoder=hf"], ["decode.transcript_decoding=lm"], ["decode=joint", "decode.num_beams=1"]
+    steps = [["stage=encoder"]]
     for llm in llms:
         # Recipes of its own for this LLM's stages, when there are: a draft continues its
         # target's projector, and its stage llm learns to agree with the target (distillation).
         for stage, recipe in (("projector", f"{llm}_projector"), ("llm", f"{llm}_distill")):
             own = (CONF_DIR / "experiment" / f"{recipe}.yaml").is_file()
-            stages.append([f"experiment={recipe}"] if own else [f"stage={stage}", f"llm={llm}"])
-    evaluated = [["stage=encoder"]] + stages[0 if skip_encoder else 1 :]
-    target_llm = f"llm_{llms[0]}" if llms else None
+            steps.append([f"experiment={recipe}"] if own else [f"stage={stage}", f"llm={llm}"])
+    return steps, [], [], ["decode=joint"]
+
+
+def plan(chain: str, llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict]:
+    """Ordered steps: {run, train (argv) or None, artifact, evals: {test set: argv}, metrics: {test set: path}}."""
+    stages, every_step, llm_decoding, joint_decoding = chain_steps(chain, llms)
     python = [sys.executable, "-m"]
     steps = []
-    for stage in evaluated:
-        cfg = compose(stage + overrides)
+    target_llm = None  # the first stage llm's run: the target
+    for i, stage in enumerate(stages):
+        options = stage + every_step + overrides
+        cfg = compose(options)
         run = cfg.stage.run_name
+        is_llm = cfg.stage.name != "encoder"
+        if target_llm is None and cfg.stage.name == "llm":
+            target_llm = run
         exp_dir, artifact = cfg.paths.exp_dir, f"{cfg.paths.stage_dir}/artifact"
         passthrough = [
             o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("name",) or o.lstrip("+~").startswith("paths.")
@@ -82,16 +104,17 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
         if run == "encoder":
             variants["encoder_greedy"] = ["decode=ctc_greedy"]
         elif run == target_llm:
-            variants[f"{run}_joint"] = ["decode=joint"]
+            variants[f"{run}_joint"] = joint_decoding
             variants[f"{run}_rescore"] = ["decode=rescore"]
         limit = OmegaConf.select(cfg, "pipeline.eval_limit")  # a budget's quick look (conf/budget/)
         for label, extra in variants.items():
+            decoding = [*extra, *llm_decoding] if is_llm else extra
             steps.append(
                 {
                     "run": label,
                     # the evaluations below decode the test sets: no test pass in training
-                    "train": python + ["efin.train", *stage, *overrides, "test_after_fit=false"]
-                    if stage in stages and not extra
+                    "train": python + ["efin.train", *options, "test_after_fit=false"]
+                    if not extra and not (i == 0 and skip_encoder)
                     else None,
                     "artifact": artifact,
                     "evals": {
@@ -104,7 +127,7 @@ def plan(llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict
                             f"hydra.run.dir={exp_dir}/eval/{label}",
                             *([f"limit={limit}"] if limit else []),
                             *passthrough,
-                            *extra,
+                            *decoding,
                         ]
                         for name, manifest in test_sets.items()
                     },
@@ -127,9 +150,17 @@ def run(argv: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
+        "--chain",
+        choices=CHAINS,
+        default="transcript",
+        help="transcript (default): Whisper encoder, LLMs reading its CTC transcript; projector: Conformer encoder, "
+        "token-CTC projector stage, LLMs reading its embeddings",
+    )
+    parser.add_argument(
         "--llms",
-        default="smollm2,smollm2_draft",
-        help="comma-separated llm options to train projector + llm stages for (target first, then drafts)",
+        default=None,
+        help="--chain projector: comma-separated llm options to train projector + llm stages for (target first, then "
+        "drafts; default smollm2,smollm2_draft)",
     )
     parser.add_argument("--skip-encoder", action="store_true", help="reuse outputs/<name>/encoder/artifact")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -138,7 +169,10 @@ def main() -> None:
     bad = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("stage", "llm")]
     if bad:
         parser.error(f"{bad}: the pipeline sets stage= and llm= itself; use --llms for the LLMs")
-    steps = plan([x for x in args.llms.split(",") if x], overrides, args.skip_encoder)
+    if args.llms is not None and args.chain != "projector":
+        parser.error("--llms chooses the LLMs of --chain projector; the transcript chain trains smollm2 and its draft")
+    llms = [x for x in (args.llms or "smollm2,smollm2_draft").split(",") if x]
+    steps = plan(args.chain, llms, overrides, args.skip_encoder)
     for step in steps:
         if step["train"] and not args.eval_only:
             print("+ " + shlex.join(step["train"])) if args.dry_run else run(step["train"])
