@@ -14,7 +14,7 @@ non-blank (r^n_t) or in a blank (r^b_t). Then
 Labels are CTC classes (0 = blank). Everything is float32 log space over one utterance.
 :meth:`CTCPrefixScorer.next_scores` scores every class after a set of prefixes at once (one
 vectorised log-sum-exp); only the prefixes a search keeps pay for the frame-by-frame recursion
-(:meth:`CTCPrefixScorer.extend`).
+(:meth:`CTCPrefixScorer.extend`, in closed form).
 """
 
 from __future__ import annotations
@@ -105,20 +105,18 @@ class CTCPrefixScorer:
         """The prefixes ``state`` (H) each followed by one label ``labels`` (H,) (classes >= 1).
 
         ``scores`` (H,): their prefix scores when known (from :meth:`next_scores`); else
-        computed here. Cost: a loop over the N frames, vectorised over H.
+        computed here. Cost: a few (H, N) tensor operations (the frame recursions in closed form).
         """
         x = self.log_probs
         phi, phi_repeat = self._phi(state)
         phi = torch.where((labels == state.last)[:, None], phi_repeat, phi)  # (H, N)
         xc = x[:, labels].T  # (H, N)
-        blank = x[:, 0]
-        h, n = xc.shape
-        r_n = torch.full((h, n), NEG_INF, device=x.device)
-        r_b = torch.full((h, n), NEG_INF, device=x.device)
-        r_n[:, 0] = torch.where(state.length == 0, xc[:, 0], torch.full_like(xc[:, 0], NEG_INF))
-        for t in range(1, n):
-            r_n[:, t] = torch.logaddexp(r_n[:, t - 1], phi[:, t - 1]) + xc[:, t]
-            r_b[:, t] = torch.logaddexp(r_n[:, t - 1], r_b[:, t - 1]) + blank[t]
+        blank = x[:, 0].expand_as(xc)
+        n = xc.shape[1]
+        r_n0 = torch.where(state.length == 0, xc[:, 0], torch.full_like(xc[:, 0], NEG_INF))
+        # r^n_t = logaddexp(r^n_t-1, phi_t-1) + x_t(c);  r^b_t = logaddexp(r^n_t-1, r^b_t-1) + x_t(blank)
+        r_n = _log_linear_recursion(r_n0, phi[:, :-1], xc[:, 1:])
+        r_b = _log_linear_recursion(torch.full_like(r_n0, NEG_INF), r_n[:, :-1], blank[:, 1:])
         if scores is None:
             scores = torch.logaddexp(r_n[:, 0], torch.logsumexp(phi[:, :-1] + xc[:, 1:], dim=1)) if n > 1 else r_n[:, 0]
         return CTCPrefixState(torch.stack([r_n, r_b], dim=-1), scores, labels.clone(), state.length + 1)
@@ -127,6 +125,28 @@ class CTCPrefixScorer:
     def end_scores(state: CTCPrefixState) -> torch.Tensor:
         """(H,) log probability that the audio is exactly each prefix (no more labels)."""
         return torch.logaddexp(state.r[:, -1, 0], state.r[:, -1, 1])
+
+
+# Per-frame log-probabilities are floored here in the closed form below (a -inf one would make it
+# inf - inf); results under IMPOSSIBLE are impossible sequences, returned as -inf again.
+LOG_FLOOR, IMPOSSIBLE = -1.0e8, -1.0e7
+
+
+def _log_linear_recursion(first: torch.Tensor, inputs: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(H, N) log y_t of ``y_0 = exp(first)``, ``y_t = (y_t-1 + exp(inputs_t-1)) x exp(steps_t-1)``
+    for t = 1..N-1, from first (H,), inputs (H, N-1), steps (H, N-1), all in log space.
+
+    CTC's frame recursions in closed form, vectorised over frames instead of a loop over them:
+    with ``S_t = steps_0 + ... + steps_t-1``, ``log y_t = S_t + logcumsumexp(first, inputs_s - S_s)``
+    (s < t). Computed in float64: S_t reaches -1e4 in long utterances, where float32's rounding
+    would show.
+    """
+    dtype = first.dtype
+    steps = steps.double().clamp_min(LOG_FLOOR)
+    cum = torch.cat([steps.new_zeros(len(steps), 1), steps.cumsum(dim=1)], dim=1)  # (H, N): S_0 = 0 .. S_N-1
+    z = torch.cat([first.double()[:, None], inputs.double() - cum[:, :-1]], dim=1)
+    out = cum + torch.logcumsumexp(z, dim=1)
+    return out.masked_fill(out < IMPOSSIBLE, NEG_INF).to(dtype)
 
 
 class LabelSequenceScores:
