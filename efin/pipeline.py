@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -40,8 +41,7 @@ from efin.data.datamodule import named_test_sets
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
-CHAINS = ("transcript", "projector")  # --chain: chain_steps()
-
+CHAINS = ("transcript", "projector")  # --chain: chain_of()
 
 
 def compose(overrides: list[str]):
@@ -55,17 +55,35 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
-def chain_steps(chain: str, llms: list[str]) -> tuple[list[list[str]], list[str], list[str], list[str]]:
-    """A chain's training steps in order (each its own options, the encoder's first), the options
-    every training step takes, the decoding options of every LLM artifact's evaluations, and
-    those of the target's joint CTC/LLM decoding."""
-    if chain == "transcript":
+@dataclass
+class Chain:
+    """What ``--chain`` trains and how its artifacts are decoded.
+
+    steps: the training steps in order, each its own options (the encoder's first).
+    every_step: options every training step takes (evaluations read them from the artifacts).
+    llm_decoding: decoding options of every LLM artifact's evaluations.
+    joint_decoding: those of the target's joint CTC/LLM decoding.
+    """
+
+    steps: list[list[str]]
+    every_step: list[str] = field(default_factory=list)
+    llm_decoding: list[str] = field(default_factory=list)
+    joint_decoding: list[str] = field(default_factory=lambda: ["decode=joint"])
+
+
+def chain_of(name: str, llms: list[str]) -> Chain:
+    """The chain ``--chain name`` runs; ``llms`` (target first, then drafts) for the projector chain."""
+    if name == "transcript":
         # A pretrained Whisper encoder fine-tuned with CTC; the target and its draft read the CTC's
         # transcript as text (projector=transcript: the LLM's own embeddings, nothing to align, so
-        # no projector stage) and decode reading its CTC + word LM decoding (README Results).
-        steps = [["experiment=whisper_ctc"], ["experiment=transcript_llm"], ["experiment=transcript_draft_distill"]]
-        # One joint hypothesis: as good as 4 on its dev set at 0.68x the time (README Results).
-        return steps, ["encoder=hf"], ["decode.transcript_decoding=lm"], ["decode=joint", "decode.num_beams=1"]
+        # no projector stage), and decode reading its CTC + word LM decoding. One joint hypothesis:
+        # as good as 4 on dev at 0.68x the time (README Results).
+        return Chain(
+            steps=[["experiment=whisper_ctc"], ["experiment=transcript_llm"], ["experiment=transcript_draft_distill"]],
+            every_step=["encoder=hf"],
+            llm_decoding=["decode.transcript_decoding=lm"],
+            joint_decoding=["decode=joint", "decode.num_beams=1"],
+        )
     steps = [["stage=encoder"]]
     for llm in llms:
         # Recipes of its own for this LLM's stages, when there are: a draft continues its
@@ -73,17 +91,16 @@ def chain_steps(chain: str, llms: list[str]) -> tuple[list[list[str]], list[str]
         for stage, recipe in (("projector", f"{llm}_projector"), ("llm", f"{llm}_distill")):
             own = (CONF_DIR / "experiment" / f"{recipe}.yaml").is_file()
             steps.append([f"experiment={recipe}"] if own else [f"stage={stage}", f"llm={llm}"])
-    return steps, [], [], ["decode=joint"]
+    return Chain(steps)
 
 
-def plan(chain: str, llms: list[str], overrides: list[str], skip_encoder: bool) -> list[dict]:
+def plan(chain: Chain, overrides: list[str], skip_encoder: bool) -> list[dict]:
     """Ordered steps: {run, train (argv) or None, artifact, evals: {test set: argv}, metrics: {test set: path}}."""
-    stages, every_step, llm_decoding, joint_decoding = chain_steps(chain, llms)
     python = [sys.executable, "-m"]
     steps = []
     target_llm = None  # the first stage llm's run: the target
-    for i, stage in enumerate(stages):
-        options = stage + every_step + overrides
+    for i, stage in enumerate(chain.steps):
+        options = stage + chain.every_step + overrides
         cfg = compose(options)
         run = cfg.stage.run_name
         is_llm = cfg.stage.name != "encoder"
@@ -104,11 +121,11 @@ def plan(chain: str, llms: list[str], overrides: list[str], skip_encoder: bool) 
         if run == "encoder":
             variants["encoder_greedy"] = ["decode=ctc_greedy"]
         elif run == target_llm:
-            variants[f"{run}_joint"] = joint_decoding
+            variants[f"{run}_joint"] = chain.joint_decoding
             variants[f"{run}_rescore"] = ["decode=rescore"]
         limit = OmegaConf.select(cfg, "pipeline.eval_limit")  # a budget's quick look (conf/budget/)
         for label, extra in variants.items():
-            decoding = [*extra, *llm_decoding] if is_llm else extra
+            decoding = [*extra, *chain.llm_decoding] if is_llm else extra
             steps.append(
                 {
                     "run": label,
@@ -172,7 +189,7 @@ def main() -> None:
     if args.llms is not None and args.chain != "projector":
         parser.error("--llms chooses the LLMs of --chain projector; the transcript chain trains smollm2 and its draft")
     llms = [x for x in (args.llms or "smollm2,smollm2_draft").split(",") if x]
-    steps = plan(args.chain, llms, overrides, args.skip_encoder)
+    steps = plan(chain_of(args.chain, llms), overrides, args.skip_encoder)
     for step in steps:
         if step["train"] and not args.eval_only:
             print("+ " + shlex.join(step["train"])) if args.dry_run else run(step["train"])

