@@ -82,6 +82,31 @@ def test_prefix_scores_match_brute_force(n, c):
         assert scorer.end_scores(state).item() == pytest.approx(exact, abs=1e-5), g
 
 
+def test_long_utterances_match_the_frame_by_frame_recursion():
+    """extend() computes the frame recursions in closed form; on 600 peaked frames (12 s at 50
+    frames/s, log-probabilities summing to thousands) it matches the plain loop over frames."""
+    log_probs = (6 * torch.randn(600, 12, generator=torch.Generator().manual_seed(3))).log_softmax(-1)
+    scorer = CTCPrefixScorer(log_probs)
+    state = scorer.initial_state()
+    for label in log_probs[:, 1:].argmax(-1)[::40] + 1:  # a sequence the frames can hold, repeats included
+        labels = label.reshape(1)
+        phi = torch.logaddexp(state.r[..., 0], state.r[..., 1])
+        phi = torch.where((labels == state.last)[:, None], state.r[..., 1], phi)
+        x = log_probs[:, labels].T
+        r_n = torch.full_like(x, float("-inf"))
+        r_b = torch.full_like(x, float("-inf"))
+        r_n[:, 0] = x[:, 0] if state.length.item() == 0 else float("-inf")
+        for t in range(1, x.shape[1]):
+            r_n[:, t] = torch.logaddexp(r_n[:, t - 1], phi[:, t - 1]) + x[:, t]
+            r_b[:, t] = torch.logaddexp(r_n[:, t - 1], r_b[:, t - 1]) + log_probs[t, 0]
+        state = scorer.extend(state, labels)
+        want = torch.stack([r_n, r_b], dim=-1)
+        assert torch.equal(torch.isfinite(want), torch.isfinite(state.r))
+        finite = torch.isfinite(want)
+        # float32's rounding of the loop's running sums (thousands of nats) is the tolerance
+        torch.testing.assert_close(state.r[finite], want[finite], rtol=1e-5, atol=1e-3)
+
+
 def test_no_frames_allow_only_the_empty_sequence():
     scorer = CTCPrefixScorer(torch.zeros(0, 4))
     state = scorer.initial_state()
