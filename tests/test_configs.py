@@ -64,11 +64,14 @@ def test_every_config_composes_and_names_real_builders(overrides, tmp_path):
 
 
 def test_quickstart_budget_sets_each_stages_steps(tmp_path):
-    trainers = {o: compose_config([o, "budget=quickstart"], tmp_path).trainer
-                for o in ("stage=encoder", "stage=projector", "experiment=smollm2_draft_distill")}
-    steps = {o: (t.max_steps, t.val_check_interval) for o, t in trainers.items()}
+    """The budget wins over the recipes' own lengths (it comes later in the defaults list)."""
+    recipes = ("stage=encoder", "experiment=whisper_ctc", "stage=projector", "experiment=transcript_llm",
+               "experiment=smollm2_draft_distill")
+    trainers = {o: compose_config([o, "budget=quickstart"], tmp_path).trainer for o in recipes}
+    steps = {o: (t.max_steps, t.val_check_interval, t.limit_train_batches) for o, t in trainers.items()}
     assert steps == {
-        "stage=encoder": (600, 600), "stage=projector": (40, 40), "experiment=smollm2_draft_distill": (40, 40)
+        "stage=encoder": (600, 600, 1.0), "experiment=whisper_ctc": (600, 600, 1.0), "stage=projector": (40, 40, 1.0),
+        "experiment=transcript_llm": (100, 100, 1.0), "experiment=smollm2_draft_distill": (100, 100, 1.0),
     }
 
 
