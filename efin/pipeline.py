@@ -62,13 +62,11 @@ class Chain:
     steps: the training steps in order, each its own options (the encoder's first).
     every_step: options every training step takes (evaluations read them from the artifacts).
     llm_decoding: decoding options of every LLM artifact's evaluations.
-    joint_decoding: those of the target's joint CTC/LLM decoding.
     """
 
     steps: list[list[str]]
     every_step: list[str] = field(default_factory=list)
     llm_decoding: list[str] = field(default_factory=list)
-    joint_decoding: list[str] = field(default_factory=lambda: ["decode=joint"])
 
 
 def chain_of(name: str, llms: list[str]) -> Chain:
@@ -101,7 +99,7 @@ def plan(chain: Chain, overrides: list[str], skip_encoder: bool) -> list[dict]:
         options = stage + chain.every_step + overrides
         cfg = compose(options)
         run = cfg.stage.run_name
-        is_llm = cfg.stage.name != "encoder"
+        is_encoder = cfg.stage.name == "encoder"
         if target_llm is None and cfg.stage.name == "llm":
             target_llm = run
         exp_dir, artifact = cfg.paths.exp_dir, f"{cfg.paths.stage_dir}/artifact"
@@ -116,14 +114,14 @@ def plan(chain: Chain, overrides: list[str], skip_encoder: bool) -> list[dict]:
         # target's stage llm three times: generating, joint CTC/LLM decoding, and rescoring the
         # CTC + word LM n-best.
         variants = {run: []}
-        if run == "encoder":
+        if is_encoder:
             variants["encoder_greedy"] = ["decode=ctc_greedy"]
         elif run == target_llm:
-            variants[f"{run}_joint"] = chain.joint_decoding
+            variants[f"{run}_joint"] = ["decode=joint"]
             variants[f"{run}_rescore"] = ["decode=rescore"]
         limit = OmegaConf.select(cfg, "pipeline.eval_limit")  # a budget's quick look (conf/budget/)
         for label, extra in variants.items():
-            decoding = [*extra, *chain.llm_decoding] if is_llm else extra
+            decoding = extra if is_encoder else [*extra, *chain.llm_decoding]
             steps.append(
                 {
                     "run": label,
