@@ -37,7 +37,8 @@ def runaway(hyps: Path) -> int:
 
 
 def hyps_by_id(path: Path) -> dict[str, dict]:
-    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {r["id"]: r for r in rows}
 
 
 def against(base: dict[str, dict], other: dict[str, dict]) -> str:
