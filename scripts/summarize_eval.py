@@ -31,14 +31,14 @@ SETS = ["test_voices", "test_accent"]
 BASELINE = "encoder"  # the encoder with its word LM: the best CTC decoding
 
 
-def runaway(hyps: Path) -> int:
-    rows = [json.loads(line) for line in hyps.read_text().splitlines() if line.strip()]
-    return sum(len(r["hyp"].split()) > 3 * max(len(r["ref"].split()), 1) for r in rows)
-
-
 def hyps_by_id(path: Path) -> dict[str, dict]:
     rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return {r["id"]: r for r in rows}
+
+
+def runaway(hyps: Path) -> int:
+    rows = hyps_by_id(hyps).values()
+    return sum(len(r["hyp"].split()) > 3 * max(len(r["ref"].split()), 1) for r in rows)
 
 
 def against(base: dict[str, dict], other: dict[str, dict]) -> str:
@@ -61,13 +61,15 @@ def compare(root: Path) -> None:
     heads = [f"{split}: word errors vs {BASELINE}, utterances better / worse" for split in SETS]
     print("\n| decoding | " + " | ".join(heads) + " |")
     print("|---|" + "---|" * len(SETS))
+    bases = {split: root / BASELINE / f"{split}.hyps.jsonl" for split in SETS}
+    bases = {split: hyps_by_id(path) for split, path in bases.items() if path.exists()}  # read once
     for label in DECODINGS:
         if label == BASELINE:
             continue
         cells = []
         for split in SETS:
-            base, other = root / BASELINE / f"{split}.hyps.jsonl", root / label / f"{split}.hyps.jsonl"
-            cells.append(against(hyps_by_id(base), hyps_by_id(other)) if base.exists() and other.exists() else "-")
+            other = root / label / f"{split}.hyps.jsonl"
+            cells.append(against(bases[split], hyps_by_id(other)) if split in bases and other.exists() else "-")
         if any(c != "-" for c in cells):
             print(f"| {label} | " + " | ".join(cells) + " |")
 
